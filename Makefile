@@ -1,0 +1,42 @@
+# The quick start: `make demo` runs the whole path end to end, `make test` runs the suite.
+# Both create the virtual environment first; only Python >= 3.11 is needed.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first, pinned, so the range in pyproject.toml is already met and pip does not
+# pull a multi-GB CUDA build on a CPU machine. Override for your platform, e.g.
+# TORCH_SPEC="torch==2.13.0+cu126" with your index configured in pip.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test lint typecheck unit schema clean
+
+$(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/streamproc demo
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check streamproc tests
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+# The suite starts its own local broker unless STREAMPROC_BOOTSTRAP names one.
+test: lint typecheck
+	$(BIN)/pytest
+
+unit: $(BIN)/.installed
+	$(BIN)/pytest -m "not kafka"
+
+schema: $(BIN)/.installed
+	$(BIN)/streamproc schema --out topics/schema
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

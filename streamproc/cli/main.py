@@ -1,0 +1,40 @@
+"""``streamproc``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from streamproc.cli import broker_cmds, demo_cmd, submit_cmd, worker_cmd
+from streamproc.errors import StreamprocError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamproc",
+        description="LLM generation over Kafka: prompt jobs in, streamed token chunks out.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    worker_cmd.register(sub)
+    submit_cmd.register(sub)
+    broker_cmds.register(sub)
+    demo_cmd.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except StreamprocError as exc:
+        print(f"streamproc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""``streamproc submit``: push one prompt (streamed) or many (all in flight) through."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from streamproc import wire
+from streamproc.cli.common import add_bootstrap, bootstrap, run
+from streamproc.client import Result, ResultStream, StreamprocClient
+from streamproc.config import TopicNames
+from streamproc.errors import GenerationError
+
+_DEFAULTS = TopicNames()
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("submit", help="submit prompts and print their tokens",
+                       description="Submit one PROMPT and print its tokens as they arrive, or "
+                       "many prompts (one per line) from --file, all kept in flight.")
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
+    p.add_argument("-f", "--file", help="read prompts from FILE, one per line ('-' for stdin)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON line per finished request")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--request-topic", default=_DEFAULTS.requests[0])
+    p.add_argument("--reply-topic", default=_DEFAULTS.responses)
+    p.add_argument("--timeout", type=float, default=600.0, help="give up after SECONDS (600)")
+    add_bootstrap(p)
+    p.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    prompts = _read_prompts(args)
+    if not prompts:
+        print("streamproc: error: no prompts given", file=sys.stderr)
+        return 2
+    return run(asyncio.wait_for(_submit_all(args, prompts), args.timeout))
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.file is None:
+        return [args.prompt] if args.prompt else []
+    if args.file == "-":
+        return _non_blank(sys.stdin)
+    with open(args.file, encoding="utf-8") as handle:
+        return _non_blank(handle)
+
+
+def _non_blank(lines: Iterable[str]) -> list[str]:
+    return [line.rstrip("\n") for line in lines if line.strip()]
+
+
+async def _submit_all(args: argparse.Namespace, prompts: list[str]) -> int:
+    params = wire.GenerationParams(max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_p=args.top_p,
+                                   stop=args.stop, seed=args.seed)
+    async with StreamprocClient(bootstrap(args), request_topic=args.request_topic,
+                                reply_topic=args.reply_topic) as client:
+        streams = [await client.submit(p, params=params) for p in prompts]
+        if len(streams) == 1 and not args.json:
+            return await _stream_one(streams[0])
+        outcomes = await asyncio.gather(*(_finish(s, args.json) for s in streams))
+    return 0 if all(outcomes) else 1
+
+
+async def _stream_one(stream: ResultStream) -> int:
+    try:
+        async for chunk in stream:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        result = await stream.result()
+    except GenerationError as exc:
+        print(f"\nstreamproc: {exc}", file=sys.stderr)
+        return 1
+    print(f"\n[{result.finish_reason}, {result.usage.completion_tokens} tokens, "
+          f"first token {result.client_ttft_s * 1000:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+async def _finish(stream: ResultStream, as_json: bool) -> bool:
+    try:
+        result = await stream.result()
+    except GenerationError as exc:
+        _emit({"request_id": stream.request_id, "error": {"code": exc.code, "message": str(exc)}},
+              as_json, f"[{stream.request_id}] error {exc.code}: {exc}")
+        return False
+    _emit(_as_json(result), as_json, f"[{result.request_id}] {result.text}")
+    return True
+
+
+def _as_json(result: Result) -> dict[str, Any]:
+    return {"request_id": result.request_id, "text": result.text,
+            "finish_reason": result.finish_reason, "usage": result.usage,
+            "timings": result.timings}
+
+
+def _emit(obj: dict[str, Any], as_json: bool, plain: str) -> None:
+    line = msgspec.json.encode(obj).decode() if as_json else plain
+    print(line, flush=True)

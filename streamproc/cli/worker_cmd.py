@@ -1,0 +1,73 @@
+"""``streamproc worker``: serve prompt jobs until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+from streamproc.cli.common import add_bootstrap, bootstrap, run, setup_logging
+from streamproc.config import WorkerConfig
+from streamproc.engine.loader import load_model
+from streamproc.topics import load_specs, topic_names
+from streamproc.worker.app import Worker
+
+log = logging.getLogger("streamproc.worker")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("worker", help="run a worker (the main job)",
+                       description="Consume prompt jobs, generate, stream token chunks back. "
+                       "Every option also reads STREAMPROC_<OPTION> from the environment.")
+    add_bootstrap(p)
+    p.add_argument("--model", help="Hugging Face hub id or local model directory (required)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
+    p.add_argument("--group", dest="group_id", help="consumer group (default: streamproc-workers)")
+    p.add_argument("--topics-dir", type=Path, help="topic declarations (default: ./topics)")
+    p.add_argument("--max-batch-size", type=int, help="most sequences decoding together (32)")
+    p.add_argument("--max-batch-tokens", type=int, help="most prompt tokens per prefill (4096)")
+    p.add_argument("--batch-window-ms", type=float, help="gather window when idle (10)")
+    p.add_argument("--max-inflight", type=int, help="most requests held before pausing (256)")
+    p.add_argument("--max-new-tokens-cap", type=int, help="cap on max_new_tokens (1024)")
+    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float,
+                   help="seconds to finish running requests on shutdown (30)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    overrides = {k: getattr(args, k) for k in (
+        "model", "device", "group_id", "max_batch_size", "max_batch_tokens", "batch_window_ms",
+        "max_inflight", "max_new_tokens_cap", "drain_timeout_s")}
+    config = WorkerConfig.from_env(bootstrap=bootstrap(args), **overrides)
+    config = replace(config, topics=topic_names(load_specs(args.topics_dir)))
+    return run(serve(config))
+
+
+async def serve(config: WorkerConfig) -> int:
+    log.info("loading model %s", config.model)
+    loaded = await asyncio.to_thread(load_model, config.model, config.device)
+    log.info("model ready on %s (%s), context %d tokens", loaded.device, loaded.dtype,
+             loaded.max_context)
+    worker = Worker(config, loaded)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    failed = asyncio.create_task(worker.wait_failed())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({failed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        await worker.stop()
+    if failed.done() and failed.exception() is not None:
+        log.error("a worker stage failed: %r", failed.exception())
+        return 1
+    failed.cancel()
+    return 0

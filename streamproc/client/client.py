@@ -1,0 +1,199 @@
+"""Submit prompt jobs and read their streams back, in order, once each.
+
+The client reads its reply topic from the end (positions fixed before the
+first submit, so nothing is missed), routes messages by request id, drops
+any chunk it has already seen (a redelivered request replays its stream) and
+ends each stream at its terminal message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from itertools import pairwise
+from types import TracebackType
+
+import msgspec
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+
+from streamproc import kafka, wire
+from streamproc.config import TopicNames
+from streamproc.errors import GenerationError
+
+log = logging.getLogger(__name__)
+_DEFAULTS = TopicNames()
+
+
+@dataclass
+class Result:
+    """A finished request, with latencies measured on the client's clock too."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: wire.Usage
+    timings: wire.Timings
+    client_ttft_s: float
+    client_total_s: float
+    inter_token_s: list[float] = field(default_factory=list)
+
+
+class ResultStream:
+    """One request's stream: ``async for chunk in stream`` or ``await stream.result()``."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.submitted_at = time.time()
+        self._inbox: asyncio.Queue[wire.ResponseMessage] = asyncio.Queue()
+        self._next_seq = 0
+        self._text: list[str] = []
+        self._tokens: list[int] = []
+        self._arrivals: list[float] = []
+        self._result: Result | None = None
+
+    def deliver(self, message: wire.ResponseMessage) -> bool:
+        """Accept ``message`` if it is the next in sequence; False for a duplicate."""
+        if self._result is not None or message.seq < self._next_seq:
+            return False
+        if message.seq > self._next_seq:
+            log.warning("request %s: seq %d arrived, expected %d", self.request_id,
+                        message.seq, self._next_seq)
+        self._next_seq = message.seq + 1
+        self._inbox.put_nowait(message)
+        return True
+
+    def __aiter__(self) -> AsyncIterator[wire.TokenChunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[wire.TokenChunk]:
+        while self._result is None:
+            message = await self._inbox.get()
+            if isinstance(message, wire.TokenChunk):
+                self._record(message)
+                yield message
+            else:
+                self._finish(message)
+
+    async def result(self) -> Result:
+        """Wait for the end of the stream; raises :class:`GenerationError` on error."""
+        async for _ in self:
+            pass
+        if self._result is None:
+            raise RuntimeError("stream ended without a result")
+        return self._result
+
+    def _record(self, chunk: wire.TokenChunk) -> None:
+        self._arrivals.append(time.time())
+        self._text.append(chunk.text)
+        self._tokens.extend(chunk.token_ids)
+
+    def _finish(self, message: wire.ResponseMessage) -> None:
+        if isinstance(message, wire.ErrorMessage):
+            raise GenerationError(self.request_id, message.code, message.message,
+                                   message.retriable)
+        assert isinstance(message, wire.FinalMessage)
+        now = time.time()
+        first = self._arrivals[0] if self._arrivals else now
+        self._result = Result(
+            request_id=self.request_id, text="".join(self._text), token_ids=self._tokens,
+            finish_reason=message.finish_reason, usage=message.usage, timings=message.timings,
+            client_ttft_s=first - self.submitted_at, client_total_s=now - self.submitted_at,
+            inter_token_s=[b - a for a, b in pairwise(self._arrivals)],
+        )
+
+
+class StreamprocClient:
+    """``async with StreamprocClient(bootstrap) as client: stream = await client.submit(...)``"""
+
+    def __init__(self, bootstrap: str, *, request_topic: str = _DEFAULTS.requests[0],
+                 reply_topic: str = _DEFAULTS.responses) -> None:
+        self.request_topic = request_topic
+        self.reply_topic = reply_topic
+        self._producer = kafka.producer(bootstrap)
+        self._consumer = kafka.consumer(bootstrap, group_id=None)
+        self._streams: dict[str, ResultStream] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> StreamprocClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        await self._producer.start()
+        await self._consumer.start()
+        partitions = await self._reply_partitions()
+        if not partitions:
+            await self.stop()
+            raise GenerationError("-", "unknown_reply_topic",
+                                   f"topic {self.reply_topic!r} does not exist", False)
+        tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve positions now, so no reply can slip past
+            await self._consumer.position(tp)
+        self._reader = asyncio.create_task(self._read(), name="streamproc-client-reader")
+
+    async def _reply_partitions(self) -> set[int]:
+        """The reply topic's partitions (the producer's lookup fetches fresh metadata)."""
+        try:
+            partitions: set[int] = await self._producer.partitions_for(self.reply_topic)
+        except KafkaError:
+            return set()
+        return partitions
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        await self._producer.stop()
+        await self._consumer.stop()
+
+    async def submit(self, prompt: str | list[wire.ChatMessage], *,
+                     params: wire.GenerationParams | None = None, priority: int = 0,
+                     deadline: float | None = None,
+                     request_id: str | None = None) -> ResultStream:
+        """Publish one job; returns its stream at once (tokens follow as generated)."""
+        rid = request_id or uuid.uuid4().hex
+        stream = ResultStream(rid)
+        self._streams[rid] = stream
+        request = wire.GenerationRequest(
+            request_id=rid, prompt=prompt, params=params or wire.GenerationParams(),
+            priority=priority, deadline=deadline, reply_topic=self.reply_topic,
+            submitted_at=stream.submitted_at)
+        await self._producer.send_and_wait(self.request_topic, wire.encode(request),
+                                           key=rid.encode())
+        return stream
+
+    async def generate(self, prompt: str | list[wire.ChatMessage], **options: object) -> Result:
+        """Submit and wait for the whole result."""
+        stream = await self.submit(prompt, **options)  # type: ignore[arg-type]
+        return await stream.result()
+
+    async def _read(self) -> None:
+        while True:
+            fetched = await self._consumer.getmany(timeout_ms=500)
+            for records in fetched.values():
+                for record in records:
+                    self._route(record.value)
+
+    def _route(self, value: bytes | None) -> None:
+        try:
+            message = wire.response_decoder.decode(value or b"")
+        except (msgspec.DecodeError, msgspec.ValidationError):  # not ours: skip
+            return
+        stream = self._streams.get(message.request_id)
+        if stream is not None and stream.deliver(message) and wire.is_terminal(message):
+            del self._streams[message.request_id]

@@ -1,0 +1,141 @@
+"""Iteration-level batching: sequences join and leave the batch between steps.
+
+Each :meth:`Engine.step` decodes one token for every running sequence, then
+prefills the newly admitted requests together and joins them to the running
+batch. A sequence retires the moment it finishes. The engine is synchronous
+and owned by one thread; the worker calls it off the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import DynamicCache
+
+from streamproc.engine.kvbatch import KVBatch
+from streamproc.engine.loader import LoadedModel
+from streamproc.engine.sequence import PreparedRequest, Sequence, TokenEvent, expired_event
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self._loaded = loaded
+        self._model = loaded.model
+        self._running: list[Sequence] = []
+        self._batch: KVBatch | None = None
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def running_ids(self) -> list[str]:
+        return [s.prepared.request_id for s in self._running]
+
+    def reset(self) -> None:
+        """Forget every running sequence (after a failed step)."""
+        self._running = []
+        self._batch = None
+
+    def step(self, admitted: list[PreparedRequest]) -> list[TokenEvent]:
+        """One iteration: decode the running batch, then prefill ``admitted``."""
+        now = time.time()
+        events = [expired_event(p, now) for p in admitted if _past_deadline(p, now)]
+        fresh = [p for p in admitted if not _past_deadline(p, now)]
+        with torch.inference_mode():
+            if self._running:
+                events += self._decode()
+            if fresh:
+                events += self._prefill(fresh)
+        return events
+
+    def _decode(self) -> list[TokenEvent]:
+        batch = self._require_batch()
+        positions = batch.mask.sum(dim=1, keepdim=True)
+        cache_position = torch.tensor([batch.length], device=self._loaded.device)
+        batch.extend_mask()
+        last = torch.tensor([[s.last_token] for s in self._running], device=self._loaded.device)
+        logits = self._forward(last, batch, positions, cache_position)
+        events = self._advance(self._running, logits)
+        self._retire()
+        return events
+
+    def _prefill(self, prepared: list[PreparedRequest]) -> list[TokenEvent]:
+        ids, mask = self._left_padded([p.prompt_ids for p in prepared])
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        batch = KVBatch(DynamicCache(), mask)
+        cache_position = torch.arange(ids.shape[1], device=self._loaded.device)
+        logits = self._forward(ids, batch, positions, cache_position)
+        sequences = [
+            Sequence.start(p, self._loaded.tokenizer, self._loaded.device, self._loaded.eos_ids)
+            for p in prepared
+        ]
+        events = self._advance(sequences, logits)
+        self._admit(sequences, batch)
+        return events
+
+    def _forward(self, ids: torch.Tensor, batch: KVBatch, positions: torch.Tensor,
+                 cache_position: torch.Tensor) -> torch.Tensor:
+        out = self._model(
+            input_ids=ids,
+            attention_mask=batch.mask,
+            position_ids=positions,
+            past_key_values=batch.cache,
+            cache_position=cache_position,
+            use_cache=True,
+        )
+        batch.cache = out.past_key_values
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
+
+    def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        now = time.time()
+        events = []
+        for row, seq in enumerate(sequences):
+            if _past_deadline(seq.prepared, now):
+                events.append(seq.expire(now))
+            else:
+                events.append(seq.advance(seq.sample(logits[row]), now))
+        return events
+
+    def _admit(self, sequences: list[Sequence], batch: KVBatch) -> None:
+        alive = [i for i, s in enumerate(sequences) if not s.finished]
+        if not alive:
+            return
+        if len(alive) < len(sequences):
+            batch.keep(alive)
+        if self._batch is None:
+            self._batch = batch
+        else:
+            self._batch.join(batch)
+        self._running += [sequences[i] for i in alive]
+
+    def _retire(self) -> None:
+        alive = [i for i, s in enumerate(self._running) if not s.finished]
+        if len(alive) == len(self._running):
+            return
+        self._running = [self._running[i] for i in alive]
+        if not alive:
+            self._batch = None
+        else:
+            self._require_batch().keep(alive)
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        pad = self._loaded.pad_id
+        ids = [[pad] * (width - len(p)) + p for p in prompts]
+        mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+        device = self._loaded.device
+        return (torch.tensor(ids, device=device),
+                torch.tensor(mask, dtype=torch.long, device=device))
+
+    def _require_batch(self) -> KVBatch:
+        if self._batch is None:
+            raise RuntimeError("running sequences without a KV batch")
+        return self._batch
+
+
+def _past_deadline(prepared: PreparedRequest, now: float) -> bool:
+    deadline = prepared.request.deadline
+    return deadline is not None and now > deadline

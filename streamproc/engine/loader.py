@@ -1,0 +1,90 @@
+"""Loading any causal LM and its tokenizer, from the hub or a local directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from streamproc.config import Device
+from streamproc.errors import ConfigError
+
+# Past this, a config's max_position_embeddings is a placeholder, not a limit.
+_UNBOUNDED_CONTEXT = 1_000_000
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    max_context: int
+    eos_ids: frozenset[int]
+    pad_id: int
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_tokenizer(name: str) -> Any:
+    """A tokenizer of its own for each thread that uses one (they are not thread-safe)."""
+    hf_logging.disable_progress_bar()
+    return AutoTokenizer.from_pretrained(name)
+
+
+def load_model(name: str, device: Device = "auto") -> LoadedModel:
+    """Load ``name`` (hub id or directory) for inference with the KV cache on."""
+    if not name:
+        raise ConfigError("no model given: pass --model <hub id or local directory>")
+    hf_logging.disable_progress_bar()
+    target = resolve_device(device)
+    dtype = pick_dtype(target)
+    tokenizer = load_tokenizer(name)
+    model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    model = model.to(target).eval()
+    model.generation_config.use_cache = True
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=target,
+        dtype=dtype,
+        max_context=_max_context(model.config, tokenizer),
+        eos_ids=_eos_ids(model, tokenizer),
+        pad_id=_pad_id(tokenizer),
+    )
+
+
+def _max_context(config: Any, tokenizer: Any) -> int:
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < _UNBOUNDED_CONTEXT]
+    return min(usable, default=2048)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids if i is not None)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,133 @@
+"""One request's generation state while it runs in the engine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from streamproc.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from streamproc.engine.sampling import make_generator, next_token
+from streamproc.wire import FinishReason, GenerationRequest, Timings, Usage
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request with its prompt tokenized, ready for prefill."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    max_new_tokens: int
+    origin_ts: float
+    """Wall-clock seconds the latency clock starts from (submit time or Kafka append)."""
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one step produced for one request; ``outcome`` is set on its last event."""
+
+    source: PreparedRequest
+    """The very object that was admitted (request ids need not be unique)."""
+    token_ids: list[int]
+    text: str
+    outcome: Outcome | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.source.request_id
+
+
+def expired_event(prepared: PreparedRequest, now: float) -> TokenEvent:
+    """The answer to a request whose deadline passed before its prefill."""
+    waited = max(0.0, now - prepared.origin_ts)
+    usage = Usage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=0)
+    outcome = Outcome("expired", usage, Timings(queue_s=waited, ttft_s=0.0, total_s=waited))
+    return TokenEvent(prepared, [], "", outcome)
+
+
+@dataclass
+class Sequence:
+    prepared: PreparedRequest
+    detokenizer: IncrementalDetokenizer
+    stop: StopMatcher
+    generator: torch.Generator | None
+    eos_ids: frozenset[int]
+    admitted_at: float = field(default_factory=time.time)
+    first_token_at: float | None = None
+    generated: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    @classmethod
+    def start(cls, prepared: PreparedRequest, tokenizer: Any, device: torch.device,
+              eos_ids: frozenset[int]) -> Sequence:
+        params = prepared.request.params
+        return cls(
+            prepared=prepared,
+            detokenizer=IncrementalDetokenizer(tokenizer, prepared.prompt_ids),
+            stop=StopMatcher(params.stop),
+            generator=make_generator(params, device),
+            eos_ids=eos_ids,
+        )
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
+
+    def sample(self, logits: torch.Tensor) -> int:
+        return next_token(logits, self.prepared.request.params, self.generator)
+
+    def advance(self, token: int, now: float) -> TokenEvent:
+        """Append ``token`` and say what it adds to the stream."""
+        self.generated.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = now
+        reason: FinishReason | None = None
+        if token in self.eos_ids:
+            reason, text = "stop", self._drain(self.detokenizer.flush())
+        else:
+            text, hit = self.stop.feed(self.detokenizer.push(token))
+            if hit:
+                reason = "stop"
+            elif len(self.generated) >= self.prepared.max_new_tokens:
+                reason, text = "length", text + self._drain(self.detokenizer.flush())
+        return self._event(token, text, reason, now)
+
+    def expire(self, now: float) -> TokenEvent:
+        """End early because the deadline passed mid-generation."""
+        return self._finish_event([], self._drain(""), "expired", now)
+
+    def _drain(self, tail: str) -> str:
+        text, hit = self.stop.feed(tail)
+        return text if hit else text + self.stop.flush()
+
+    def _event(self, token: int, text: str, reason: FinishReason | None,
+               now: float) -> TokenEvent:
+        if reason is None:
+            return TokenEvent(self.prepared, [token], text)
+        return self._finish_event([token], text, reason, now)
+
+    def _finish_event(self, tokens: list[int], text: str, reason: FinishReason,
+                      now: float) -> TokenEvent:
+        self.finished = True
+        origin = self.prepared.origin_ts
+        first = self.first_token_at if self.first_token_at is not None else now
+        outcome = Outcome(
+            finish_reason=reason,
+            usage=Usage(len(self.prepared.prompt_ids), len(self.generated)),
+            timings=Timings(queue_s=max(0.0, self.admitted_at - origin),
+                            ttft_s=max(0.0, first - origin), total_s=max(0.0, now - origin)),
+        )
+        return TokenEvent(self.prepared, tokens, text, outcome)

@@ -1,0 +1,46 @@
+"""Errors that say what the caller should do next.
+
+``retriable`` tells a caller whether the same call may succeed later.
+Per-request failures (:class:`RequestError`) become an error response on the
+request's reply topic; :class:`EngineDeadError` means the worker must stop.
+"""
+
+from __future__ import annotations
+
+
+class StreamprocError(Exception):
+    """Base of every error streamproc raises on purpose."""
+
+    retriable: bool = False
+
+
+class ConfigError(StreamprocError):
+    """A setting is missing, malformed or inconsistent with another."""
+
+
+class RequestError(StreamprocError):
+    """One request cannot be served; ``code`` is what goes on the wire."""
+
+    def __init__(self, code: str, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retriable = retriable
+
+
+class GenerationError(StreamprocError):
+    """The worker answered a request with an error message (client side)."""
+
+    def __init__(self, request_id: str, code: str, message: str, retriable: bool) -> None:
+        super().__init__(f"request {request_id} failed: {code}: {message}")
+        self.request_id = request_id
+        self.code = code
+        self.retriable = retriable
+
+
+class EngineDeadError(StreamprocError):
+    """The model engine failed in a way no single request explains."""
+
+
+class LocalKafkaError(StreamprocError):
+    """The local development broker could not be provisioned or started."""

@@ -1,0 +1,98 @@
+"""Validating a decoded request and tokenizing its prompt.
+
+A request that decodes but cannot be served gets a :class:`RequestError` whose
+``code`` goes back to the producer on its reply topic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from streamproc import wire
+from streamproc.config import TopicNames
+from streamproc.engine.sequence import PreparedRequest
+from streamproc.errors import RequestError
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+class Preparer:
+    """Owns a tokenizer of its own (tokenizers are not shared across threads)."""
+
+    def __init__(self, tokenizer: Any, max_context: int, max_new_tokens_cap: int,
+                 topics: TopicNames) -> None:
+        self._tokenizer = tokenizer
+        self._max_context = max_context
+        self._cap = max_new_tokens_cap
+        self._topics = topics
+
+    @property
+    def reply_topic_default(self) -> str:
+        return self._topics.responses
+
+    def reply_topic(self, request: wire.GenerationRequest) -> str:
+        return request.reply_topic or self._topics.responses
+
+    def reply_allowed(self, topic: str) -> bool:
+        return self._topics.reply_allowed(topic)
+
+    def prepare(self, request: wire.GenerationRequest, appended_at: float) -> PreparedRequest:
+        """Raise :class:`RequestError` or return the request ready for prefill."""
+        if not self._topics.reply_allowed(self.reply_topic(request)):
+            raise RequestError("unknown_reply_topic",
+                               f"reply topic {request.reply_topic!r} is not served here")
+        self._check_params(request.params)
+        ids = self._tokenize(request.prompt)
+        budget = self._max_context - len(ids)
+        if budget < request.params.max_new_tokens:
+            raise RequestError(
+                "prompt_too_long",
+                f"prompt has {len(ids)} tokens; with max_new_tokens="
+                f"{request.params.max_new_tokens} it exceeds the {self._max_context}-token context",
+            )
+        return PreparedRequest(request, ids, request.params.max_new_tokens,
+                               _origin(request.submitted_at, appended_at))
+
+    def _check_params(self, params: wire.GenerationParams) -> None:
+        if not 1 <= params.max_new_tokens <= self._cap:
+            _invalid(f"max_new_tokens must be between 1 and {self._cap}, "
+                     f"got {params.max_new_tokens}")
+        if not math.isfinite(params.temperature) or params.temperature < 0:
+            _invalid(f"temperature must be a finite number >= 0, got {params.temperature}")
+        if not math.isfinite(params.top_p) or not 0 < params.top_p <= 1:
+            _invalid(f"top_p must be in (0, 1], got {params.top_p}")
+        if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH
+                                                      for s in params.stop):
+            _invalid(f"at most {MAX_STOP_STRINGS} stop strings of {MAX_STOP_LENGTH} characters")
+
+    def _tokenize(self, prompt: str | list[wire.ChatMessage]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("empty_prompt", "the prompt is empty")
+            return list(self._tokenizer(prompt, add_special_tokens=True).input_ids)
+        if not prompt:
+            raise RequestError("empty_prompt", "the chat has no messages")
+        return self._chat_ids(prompt)
+
+    def _chat_ids(self, messages: list[wire.ChatMessage]) -> list[int]:
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise RequestError("chat_unsupported", "this model has no chat template")
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        text = self._tokenizer.apply_chat_template(turns, add_generation_prompt=True,
+                                                   tokenize=False)
+        return list(self._tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _invalid(message: str) -> None:
+    raise RequestError("invalid_params", message)
+
+
+def _origin(submitted_at: float | None, appended_at: float) -> float:
+    """The producer's submit time if it is a plausible Unix time, else the append time."""
+    if submitted_at is not None and math.isfinite(submitted_at) \
+            and 0 < submitted_at <= time.time() + 60:
+        return submitted_at
+    return appended_at

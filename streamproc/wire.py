@@ -1,0 +1,149 @@
+"""The wire schema: every message streamproc reads or writes on Kafka.
+
+JSON on the wire so that any Kafka client in any language can publish a job.
+Evolution rules (also in docs/wire-schema.md):
+
+* a new field always gets a default, so old messages still decode;
+* unknown fields are ignored, so old workers accept newer producers;
+* fields are never renamed, retyped or removed within a ``schema_version``;
+* response messages are a tagged union on ``type``; a reader skips tags it does
+  not know rather than failing.
+
+One typed decoder per topic is built once here and reused (decoding into a
+Struct validates while it parses; there is no second validation pass).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+FinishReason = Literal["stop", "length", "expired", "cancelled", "rejected"]
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One turn of a chat prompt, rendered with the model's chat template."""
+
+    role: str
+    content: str
+
+
+class GenerationParams(msgspec.Struct, frozen=True, omit_defaults=True):
+    """How to generate. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = msgspec.field(default_factory=list)
+    seed: int | None = None
+
+
+class GenerationRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A prompt job, published to a ``requests`` topic keyed by ``request_id``."""
+
+    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    prompt: str | list[ChatMessage]
+    params: GenerationParams = msgspec.field(default_factory=GenerationParams)
+    priority: int = 0
+    # Unix time in seconds after which the result is no longer wanted.
+    deadline: float | None = None
+    # Where chunks and the final message go; empty means the worker's default.
+    reply_topic: str = ""
+    # Unix time in seconds at which the producer submitted the job.
+    submitted_at: float | None = None
+    schema_version: int = SCHEMA_VERSION
+
+
+class RequestEnvelope(msgspec.Struct, frozen=True):
+    """Just enough of a request to answer it when the rest fails validation."""
+
+    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    reply_topic: str = ""
+
+
+class TokenChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
+    """One or more newly generated tokens of a request, in ``seq`` order."""
+
+    request_id: str
+    seq: int
+    text: str
+    token_ids: list[int]
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(msgspec.Struct, frozen=True):
+    """Seconds. ``queue_s`` runs from submit (or Kafka append) to prefill."""
+
+    queue_s: float
+    ttft_s: float
+    total_s: float
+
+
+class FinalMessage(msgspec.Struct, frozen=True, tag="final", tag_field="type"):
+    """The last message of a successful stream; ``seq`` follows the last chunk."""
+
+    request_id: str
+    seq: int
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+class ErrorMessage(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
+    """The last message of a failed stream: ``code`` is machine-readable."""
+
+    request_id: str
+    seq: int
+    code: str
+    message: str
+    retriable: bool = False
+
+
+ResponseMessage = TokenChunk | FinalMessage | ErrorMessage
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """What the dead-letter topic holds: the original bytes and why they failed."""
+
+    reason: str
+    detail: str
+    topic: str
+    partition: int
+    offset: int
+    original: bytes
+    key: bytes | None = None
+    failed_at: float = msgspec.field(default_factory=time.time)
+
+
+request_decoder = msgspec.json.Decoder(GenerationRequest)
+envelope_decoder = msgspec.json.Decoder(RequestEnvelope)
+response_decoder = msgspec.json.Decoder(ResponseMessage)
+dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Serialise any wire message to JSON bytes."""
+    return _encoder.encode(message)
+
+
+def is_terminal(message: ResponseMessage) -> bool:
+    """Whether ``message`` ends its request's stream."""
+    return not isinstance(message, TokenChunk)
+
+
+def json_schemas() -> dict[str, dict[str, object]]:
+    """JSON Schema documents for each topic's payload, for ``topics/schema``."""
+    return {
+        "request": msgspec.json.schema(GenerationRequest),
+        "response": msgspec.json.schema(ResponseMessage),
+        "dead_letter": msgspec.json.schema(DeadLetter),
+    }

@@ -1,0 +1,138 @@
+"""The composition root: the one place that knows every stage and owns its tasks.
+
+Shutdown is two-phase: stop fetching and hand back what was not started, let
+running requests finish (up to ``drain_timeout_s``), then commit what was
+published and close the clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import suppress
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from streamproc import kafka
+from streamproc.admission.policy import FixedWindowPolicy
+from streamproc.channel import WaitingQueue
+from streamproc.config import WorkerConfig
+from streamproc.engine.engine import Engine
+from streamproc.engine.loader import LoadedModel, load_tokenizer
+from streamproc.flow.checkpoint import Checkpoint
+from streamproc.ingest.consumer import Ingest
+from streamproc.ingest.prepare import Preparer
+from streamproc.publish.publisher import Publisher
+from streamproc.worker.serving import ServingLoop
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, loaded: LoadedModel) -> None:
+        self.config = config
+        self.checkpoint = Checkpoint()
+        self.waiting = WaitingQueue()
+        self._producer = kafka.producer(config.bootstrap)
+        self._consumer = kafka.consumer(config.bootstrap, group_id=config.group_id,
+                                        max_poll_records=config.max_inflight)
+        self._publisher = Publisher(self._producer, config.topics.dead_letter,
+                                    self.checkpoint.done)
+        preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
+                            config.max_new_tokens_cap, config.topics)
+        self.ingest = Ingest(self._consumer, preparer, self.waiting, self.checkpoint,
+                             self._publisher, max_inflight=config.max_inflight,
+                             max_message_bytes=config.max_message_bytes)
+        policy = FixedWindowPolicy(config.max_batch_size, config.max_batch_tokens,
+                                   config.batch_window_ms / 1000)
+        self.serving = ServingLoop(Engine(loaded), self.waiting, policy, self._publisher)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopped = False
+
+    async def start(self) -> None:
+        await self._producer.start()
+        await self._consumer.start()
+        self._consumer.subscribe(list(self.config.topics.requests), listener=_Revoke(self))
+        self._tasks = {
+            "ingest": asyncio.create_task(self.ingest.run(), name="ingest"),
+            "serving": asyncio.create_task(self.serving.run(), name="serving"),
+            "commit": asyncio.create_task(self._commit_loop(), name="commit"),
+        }
+        log.info("worker started: group %s, lanes %s", self.config.group_id,
+                 ", ".join(self.config.topics.requests))
+
+    async def wait_failed(self) -> None:
+        """Return (raising its error) when any stage task ends on its own."""
+        done, _ = await asyncio.wait(self._tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+
+    async def stop(self) -> None:
+        """Idempotent two-phase shutdown."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await _cancel(self._tasks.pop("ingest", None))
+        handed_back = self.waiting.drop()
+        log.info("stopping: %d waiting requests handed back, %d running to drain",
+                 len(handed_back), self.serving.running)
+        await self.serving.drain(self.config.drain_timeout_s)
+        await _cancel(self._tasks.pop("serving", None))
+        await self._publisher.flush()
+        await _cancel(self._tasks.pop("commit", None))
+        await self.commit()
+        self.serving.close()
+        await self._consumer.stop()
+        await self._producer.stop()
+        log.info("worker stopped")
+
+    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+        offsets = self.checkpoint.committable(only)
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The group moved on (rebalance); the new owner re-reads from the last commit.
+            log.warning("commit of %d partitions failed: %s", len(offsets), exc)
+            return
+        self.checkpoint.committed(offsets)
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        dropped = self.waiting.drop(revoked)
+        await self._publisher.flush()
+        await self.commit(revoked)
+        self.checkpoint.forget(revoked)
+        log.info("partitions revoked: %s; %d waiting requests handed back",
+                 sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked), len(dropped))
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.commit_interval_s)
+            await self.commit()
+
+
+class _Revoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._worker.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("partitions assigned: %s",
+                 sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is None:
+        return
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+
+
+def consumer_of(worker: Worker) -> AIOKafkaConsumer:
+    """The worker's consumer, for tests that inspect group state."""
+    return worker._consumer

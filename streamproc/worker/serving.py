@@ -1,0 +1,99 @@
+"""The loop that feeds the engine: admit per the batching policy, step, publish.
+
+The forward pass runs on a dedicated thread so Kafka I/O on the event loop
+never waits behind the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from streamproc.admission.policy import BatchDecision, FixedWindowPolicy
+from streamproc.channel import Job, WaitingQueue
+from streamproc.engine.engine import Engine
+from streamproc.engine.sequence import TokenEvent
+from streamproc.publish.publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+
+class ServingLoop:
+    def __init__(self, engine: Engine, waiting: WaitingQueue, policy: FixedWindowPolicy,
+                 publisher: Publisher) -> None:
+        self._engine = engine
+        self._waiting = waiting
+        self._policy = policy
+        self._publisher = publisher
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._jobs: dict[int, Job] = {}
+        self._draining = False
+        self._idle = asyncio.Event()
+
+    @property
+    def running(self) -> int:
+        return len(self._jobs)
+
+    async def run(self) -> None:
+        """Serve until cancelled, or until drained when :meth:`drain` was called."""
+        try:
+            while not (self._draining and not self._jobs):
+                await self._iterate()
+        finally:
+            self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Admit nothing more; wait for running requests to finish. True if they did."""
+        self._draining = True
+        self._waiting.wake()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("%d requests still running after %.0fs; handing them back",
+                        len(self._jobs), timeout_s)
+            return False
+        return True
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _iterate(self) -> None:
+        decision = self._decide()
+        admitted = [] if self._draining else self._waiting.take(decision.admit)
+        if not admitted and not self._jobs:
+            if not self._draining:
+                await self._waiting.wait_for_arrival(decision.wait_s)
+            return
+        for job in admitted:
+            self._jobs[id(job.prepared)] = job
+        loop = asyncio.get_running_loop()
+        try:
+            events = await loop.run_in_executor(
+                self._executor, self._engine.step, [j.prepared for j in admitted])
+        except Exception as exc:
+            await self._fail_running(exc)
+            return
+        await self._publish(events)
+
+    def _decide(self) -> BatchDecision:
+        return self._policy.decide(self._waiting.prompt_tokens(),
+                                   self._waiting.oldest_wait_s(time.monotonic()),
+                                   self._engine.num_running)
+
+    async def _publish(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            job = self._jobs[id(event.source)]
+            if event.outcome is not None:
+                del self._jobs[id(event.source)]
+            await self._publisher.publish(job, event)
+
+    async def _fail_running(self, exc: Exception) -> None:
+        """A failed step cannot be pinned on one request: fail them all, retriably."""
+        log.exception("engine step failed; failing %d running requests", len(self._jobs))
+        self._engine.reset()
+        jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
+            await self._publisher.fail(job, "engine_error", f"{type(exc).__name__}: {exc}",
+                                       retriable=True)

@@ -1,0 +1,31 @@
+import pytest
+
+from streamproc.config import WorkerConfig, bootstrap_from_env
+from streamproc.errors import ConfigError
+
+
+def test_environment_then_overrides() -> None:
+    env = {"STREAMPROC_MAX_BATCH_SIZE": "8", "STREAMPROC_BATCH_WINDOW_MS": "2.5",
+           "STREAMPROC_MODEL": "from-env"}
+    config = WorkerConfig.from_env(env, model="from-flag", max_inflight=None)
+    assert config.max_batch_size == 8
+    assert config.batch_window_ms == 2.5
+    assert config.model == "from-flag"
+    assert config.max_inflight == WorkerConfig().max_inflight
+
+
+def test_bad_values_name_the_variable() -> None:
+    with pytest.raises(ConfigError, match="STREAMPROC_MAX_BATCH_SIZE"):
+        WorkerConfig.from_env({"STREAMPROC_MAX_BATCH_SIZE": "lots"})
+
+
+def test_cross_field_validation() -> None:
+    with pytest.raises(ConfigError, match="max_inflight"):
+        WorkerConfig(max_batch_size=64, max_inflight=16)
+    with pytest.raises(ConfigError, match="max_batch_tokens"):
+        WorkerConfig(max_batch_tokens=0)
+
+
+def test_bootstrap_from_env_ignores_blank() -> None:
+    assert bootstrap_from_env({"STREAMPROC_BOOTSTRAP": "  "}) is None
+    assert bootstrap_from_env({"STREAMPROC_BOOTSTRAP": "h:1"}) == "h:1"

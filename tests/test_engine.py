@@ -1,0 +1,102 @@
+"""The engine against ``model.generate()`` on a real (tiny) transformers model."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from streamproc.engine.engine import Engine
+from streamproc.engine.loader import LoadedModel
+from streamproc.engine.sequence import PreparedRequest, TokenEvent
+from streamproc.wire import GenerationParams, GenerationRequest
+
+from .helpers import reference_tokens
+
+pytestmark = pytest.mark.model
+
+
+def prepared(rid: str, prompt_ids: list[int], max_new: int, **params: object) -> PreparedRequest:
+    request = GenerationRequest(request_id=rid, prompt="-",
+                                params=GenerationParams(max_new_tokens=max_new, **params))  # type: ignore[arg-type]
+    return PreparedRequest(request, prompt_ids, max_new, time.time())
+
+
+def run_to_completion(engine: Engine, arrivals: list[list[PreparedRequest]]
+                      ) -> dict[str, list[TokenEvent]]:
+    """Feed one group of arrivals per step, then step until everything finished."""
+    events: dict[str, list[TokenEvent]] = {}
+    expected = sum(len(a) for a in arrivals)
+    finished = 0
+    step = 0
+    while finished < expected:
+        admit = arrivals[step] if step < len(arrivals) else []
+        for event in engine.step(admit):
+            events.setdefault(event.request_id, []).append(event)
+            finished += event.outcome is not None
+        step += 1
+        assert step < 10_000
+    return events
+
+
+def tokens(events: list[TokenEvent]) -> list[int]:
+    return [t for e in events for t in e.token_ids]
+
+
+def test_greedy_output_equals_generate_whatever_the_batch(loaded_model: LoadedModel) -> None:
+    rng = random.Random(7)
+    vocab = len(loaded_model.tokenizer)
+    requests = [prepared(f"r{i}", [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 50))],
+                         rng.randrange(1, 30)) for i in range(24)]
+    # Arrivals staggered over steps: requests join a batch that is mid-decode.
+    arrivals = [group for i in range(0, 24, 3) for group in (requests[i:i + 3], [])]
+    events = run_to_completion(Engine(loaded_model), arrivals)
+    for r in requests:
+        assert tokens(events[r.request_id]) == reference_tokens(
+            loaded_model, r.prompt_ids, r.max_new_tokens), r.request_id
+
+
+def test_every_request_ends_with_exactly_one_outcome(loaded_model: LoadedModel) -> None:
+    requests = [prepared(f"r{i}", [5 + i] * (i + 1), 4 + i) for i in range(6)]
+    events = run_to_completion(Engine(loaded_model), [requests])
+    for r in requests:
+        outcomes = [e.outcome for e in events[r.request_id] if e.outcome is not None]
+        assert len(outcomes) == 1
+        assert events[r.request_id][-1].outcome is outcomes[0]
+        assert outcomes[0].finish_reason == "length"
+        assert outcomes[0].usage.completion_tokens == r.max_new_tokens
+        assert outcomes[0].usage.prompt_tokens == len(r.prompt_ids)
+
+
+def test_seeded_sampling_does_not_depend_on_batch_neighbours(loaded_model: LoadedModel) -> None:
+    alone = run_to_completion(Engine(loaded_model), [[
+        prepared("s", [10, 20, 30], 12, temperature=0.9, top_p=0.8, seed=42)]])
+    crowd = [prepared(f"n{i}", [7] * (i + 2), 12, temperature=1.0) for i in range(5)]
+    together = run_to_completion(Engine(loaded_model), [[
+        *crowd, prepared("s", [10, 20, 30], 12, temperature=0.9, top_p=0.8, seed=42)]])
+    assert tokens(alone["s"]) == tokens(together["s"])
+
+
+def test_expired_requests_cost_no_compute(loaded_model: LoadedModel) -> None:
+    request = GenerationRequest(request_id="late", prompt="-", deadline=time.time() - 1)
+    late = PreparedRequest(request, [1, 2, 3], 8, time.time() - 2)
+    engine = Engine(loaded_model)
+    [event] = engine.step([late])
+    assert event.outcome is not None
+    assert event.outcome.finish_reason == "expired"
+    assert event.token_ids == []
+    assert engine.num_running == 0
+
+
+def test_stop_strings_end_the_stream_without_emitting_them(loaded_model: LoadedModel) -> None:
+    prompt = [11, 12, 13]
+    free = run_to_completion(Engine(loaded_model), [[prepared("f", prompt, 30)]])
+    full_text = "".join(e.text for e in free["f"])
+    stop = full_text[10:13]
+    assert len(stop) == 3, "the free run should produce enough text to pick a stop string"
+    stopped = run_to_completion(Engine(loaded_model), [[prepared("s", prompt, 30, stop=[stop])]])
+    text = "".join(e.text for e in stopped["s"])
+    assert text == full_text[:full_text.index(stop)]
+    assert stopped["s"][-1].outcome is not None
+    assert stopped["s"][-1].outcome.finish_reason == "stop"

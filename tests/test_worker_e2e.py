@@ -1,0 +1,129 @@
+"""The whole path on a real broker: client → requests topic → worker → reply topic."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from streamproc import kafka, wire
+from streamproc.client import StreamprocClient
+from streamproc.config import WorkerConfig
+from streamproc.engine.loader import LoadedModel
+from streamproc.errors import GenerationError
+from streamproc.worker.app import Worker
+
+from .helpers import read_topic, reference_tokens, streams_by_request, wait_for_lag_zero
+
+pytestmark = [pytest.mark.kafka, pytest.mark.model]
+
+
+def random_prompt(rng: random.Random) -> str:
+    words = ["kafka", "token", "stream", "lag", "batch", "the", "GPU", "queue", "order", "ok"]
+    return " ".join(rng.choice(words) for _ in range(rng.randrange(1, 40)))
+
+
+def client_for(config: WorkerConfig) -> StreamprocClient:
+    return StreamprocClient(config.bootstrap, request_topic=config.topics.requests[0],
+                            reply_topic=config.topics.responses)
+
+
+async def test_fifty_concurrent_requests_stream_complete_and_commit(
+        worker: Worker, worker_config: WorkerConfig) -> None:
+    rng = random.Random(1)
+    async with client_for(worker_config) as client:
+        streams = [await client.submit(random_prompt(rng), params=wire.GenerationParams(
+            max_new_tokens=rng.randrange(1, 24))) for _ in range(50)]
+        results = await asyncio.wait_for(asyncio.gather(*(s.result() for s in streams)), 120)
+    assert len({r.request_id for r in results}) == 50
+    assert all(r.finish_reason in ("length", "stop") for r in results)
+
+    raw = streams_by_request(await read_topic(
+        worker_config.bootstrap, worker_config.topics.responses, until_count=50))
+    assert set(raw) == {s.request_id for s in streams}
+    for request_id, messages in raw.items():
+        assert [m.seq for m in messages] == list(range(len(messages))), request_id
+        assert [wire.is_terminal(m) for m in messages] == [False] * (len(messages) - 1) + [True]
+        assert isinstance(messages[-1], wire.FinalMessage)
+
+    lag = await wait_for_lag_zero(worker_config.bootstrap, worker_config.group_id,
+                                  worker_config.topics.requests)
+    assert lag == 0
+    assert worker.checkpoint.in_flight() == 0
+
+
+async def test_greedy_results_through_kafka_equal_generate(
+        worker: Worker, worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    rng = random.Random(2)
+    prompts = [random_prompt(rng) for _ in range(16)]
+    budgets = [rng.randrange(1, 32) for _ in prompts]
+    async with client_for(worker_config) as client:
+        streams = [await client.submit(p, params=wire.GenerationParams(max_new_tokens=n))
+                   for p, n in zip(prompts, budgets, strict=True)]
+        results = await asyncio.wait_for(asyncio.gather(*(s.result() for s in streams)), 120)
+    tokenizer = loaded_model.tokenizer
+    for prompt, budget, result in zip(prompts, budgets, results, strict=True):
+        ids = tokenizer(prompt).input_ids
+        assert result.token_ids == reference_tokens(loaded_model, ids, budget), prompt
+        assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+async def publish_raw(bootstrap: str, topic: str, *values: bytes) -> None:
+    producer = kafka.producer(bootstrap)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value, key=b"raw")
+    finally:
+        await producer.stop()
+
+
+async def test_bad_input_lands_where_it_should_and_the_worker_keeps_serving(
+        worker: Worker, worker_config: WorkerConfig) -> None:
+    topics = worker_config.topics
+    malformed, wrong_type = b"{not json", b'{"request_id": "w", "prompt": 17}'
+    await publish_raw(worker_config.bootstrap, topics.requests[0], malformed, wrong_type)
+    async with client_for(worker_config) as client:
+        failures = {
+            "invalid_params": wire.GenerationParams(max_new_tokens=-1),
+            "prompt_too_long": wire.GenerationParams(max_new_tokens=1000),
+        }
+        for code, params in failures.items():
+            with pytest.raises(GenerationError) as caught:
+                await asyncio.wait_for(client.generate("hello world " * 100, params=params), 30)
+            assert caught.value.code == code
+        negative = wire.GenerationParams(temperature=-0.5)
+        with pytest.raises(GenerationError, match="temperature"):
+            await asyncio.wait_for(client.generate("hi", params=negative), 30)
+        # NaN has no JSON form (it is sent as null): the schema check fails, and the
+        # producer still hears back because the request names itself.
+        not_a_number = wire.GenerationParams(temperature=float("nan"))
+        with pytest.raises(GenerationError) as caught:
+            await asyncio.wait_for(client.generate("hi", params=not_a_number), 30)
+        assert caught.value.code == "invalid_request"
+        rogue = wire.GenerationRequest(request_id="rogue", prompt="hi",
+                                       reply_topic="__consumer_offsets")
+        await publish_raw(worker_config.bootstrap, topics.requests[0], wire.encode(rogue))
+        served = await asyncio.wait_for(client.generate(
+            "still serving?", params=wire.GenerationParams(max_new_tokens=3)), 30)
+    assert served.usage.completion_tokens == 3
+
+    letters = [wire.dead_letter_decoder.decode(v) for v in await read_topic(
+        worker_config.bootstrap, topics.dead_letter, until_count=4)]
+    by_original = {letter.original: letter for letter in letters}
+    assert by_original[malformed].reason == "malformed_json"
+    assert by_original[wrong_type].reason == "invalid_schema"
+    assert "Expected `str" in by_original[wrong_type].detail
+    assert by_original[malformed].offset + 1 == by_original[wrong_type].offset
+    assert [x.reason for x in letters].count("invalid_schema") == 2  # wrong type, NaN
+    [rogue_letter] = [x for x in letters if x.reason == "unknown_reply_topic"]
+    assert rogue_letter.topic == topics.requests[0]
+
+    replies = streams_by_request(await read_topic(worker_config.bootstrap, topics.responses))
+    [rogue_reply] = replies["rogue"]
+    assert isinstance(rogue_reply, wire.ErrorMessage)
+    assert rogue_reply.code == "unknown_reply_topic"
+    lag = await wait_for_lag_zero(worker_config.bootstrap, worker_config.group_id,
+                                  topics.requests)
+    assert lag == 0
