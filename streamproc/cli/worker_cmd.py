@@ -61,13 +61,14 @@ async def serve(config: WorkerConfig) -> int:
     await worker.start()
     failed = asyncio.create_task(worker.wait_failed())
     stopping = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({failed, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-        await worker.stop()
-    if failed.done() and failed.exception() is not None:
-        log.error("a worker stage failed: %r", failed.exception())
-        return 1
+    await asyncio.wait({failed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    # A stage that ended by itself before any signal is a crash; decide before stop()
+    # cancels the stages.
+    crash = failed.exception() if failed.done() else None
     failed.cancel()
+    stopping.cancel()
+    await worker.stop()
+    if crash is not None:
+        log.error("a worker stage failed: %r", crash)
+        return 1
     return 0

@@ -51,7 +51,7 @@ class ServingLoop:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
-            log.warning("%d requests still running after %.0fs; handing them back",
+            log.warning("%d requests still running after %.1fs; handing them back",
                         len(self._jobs), timeout_s)
             return False
         return True

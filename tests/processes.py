@@ -1,0 +1,48 @@
+"""Running ``streamproc worker`` as a real process, for shutdown and restart tests."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from streamproc.config import TopicNames, WorkerConfig
+
+
+def write_topics_file(directory: Path, names: TopicNames) -> Path:
+    """A ``topics/`` folder declaring ``names``, for the worker's ``--topics-dir``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = [(t, "requests") for t in names.requests]
+    entries += [(names.responses, "responses"), (names.dead_letter, "dead_letter")]
+    body = "".join(f'[[topic]]\nname = "{name}"\nrole = "{role}"\npartitions = 4\n\n'
+                   for name, role in entries)
+    (directory / "test.toml").write_text(body)
+    return directory
+
+
+class WorkerProcess:
+    def __init__(self, config: WorkerConfig, topics_dir: Path, log: Path,
+                 *extra: str) -> None:
+        self.command = [sys.executable, "-m", "streamproc", "worker",
+                        "--bootstrap", config.bootstrap, "--model", config.model,
+                        "--device", "cpu", "--group", config.group_id,
+                        "--topics-dir", str(topics_dir), *extra]
+        self.log = log
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout_s: float = 120.0) -> None:
+        """Start and wait until the worker has joined its group."""
+        with self.log.open("ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command, stdout=out, stderr=out)
+        deadline = time.monotonic() + timeout_s
+        while "partitions assigned" not in self.log.read_text(errors="replace"):
+            assert self.process.returncode is None, self.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "worker did not join its group"
+            await asyncio.sleep(0.1)
+
+    async def terminate(self, timeout_s: float = 60.0) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        return await asyncio.wait_for(self.process.wait(), timeout_s)
