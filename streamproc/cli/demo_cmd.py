@@ -144,5 +144,8 @@ async def _stream_prompts(address: str, count: int, max_new_tokens: int,
 
 
 async def _watch(worker: subprocess.Popen[bytes]) -> None:
-    await asyncio.to_thread(worker.wait)
+    # A poll, not a thread blocked in wait(): that thread would keep the event loop
+    # from closing, and the worker is only stopped after the loop has closed.
+    while worker.poll() is None:  # noqa: ASYNC110
+        await asyncio.sleep(0.5)
     raise RuntimeError(f"the worker exited with {worker.returncode}; see its log")
