@@ -36,6 +36,8 @@ class TopicNames:
     """Default reply topic for requests that name none."""
     dead_letter: str = "streamproc.dead-letter"
     """Where undecodable messages go, with the reason and original bytes."""
+    status: str = "streamproc.status"
+    """Where workers report throughput and load, for lag estimates and producers."""
     allowed_reply_topics: tuple[str, ...] = ()
     """Extra reply topics a request may name; ``responses`` is always allowed."""
 
@@ -66,6 +68,10 @@ class WorkerConfig:
     """Upper bound on any request's ``max_new_tokens``."""
     max_inflight: int = 256
     """Most requests held by the worker (waiting + running); beyond it fetching pauses."""
+    max_inflight_tokens: int = 262_144
+    """Most prompt + max-new tokens held; beyond it fetching pauses (bounds KV memory)."""
+    status_interval_s: float = 2.0
+    """How often the worker reports its throughput and load on the status topic."""
     commit_interval_s: float = 0.5
     """How often done offsets are committed."""
     drain_timeout_s: float = 30.0
@@ -75,7 +81,8 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         self._check_positive("max_batch_size", "max_batch_tokens", "max_new_tokens_cap")
-        self._check_positive("max_inflight", "max_message_bytes")
+        self._check_positive("max_inflight", "max_message_bytes", "max_inflight_tokens",
+                             "status_interval_s")
         if self.batch_window_ms < 0 or self.commit_interval_s <= 0 or self.drain_timeout_s < 0:
             raise ConfigError("batch_window_ms, drain_timeout_s must be >= 0 and "
                               "commit_interval_s > 0")

@@ -20,8 +20,8 @@ from streamproc import kafka
 from streamproc.config import TopicNames
 from streamproc.errors import ConfigError
 
-Role = Literal["requests", "responses", "dead_letter"]
-_ROLES = ("requests", "responses", "dead_letter")
+Role = Literal["requests", "responses", "dead_letter", "status"]
+_ROLES = ("requests", "responses", "dead_letter", "status")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ def topic_names(specs: list[TopicSpec]) -> TopicNames:
     lanes = tuple(s.name for s in specs if s.role == "requests")
     if not lanes:
         raise ConfigError("no requests topic declared")
-    return TopicNames(requests=lanes, responses=one("responses"), dead_letter=one("dead_letter"))
+    return TopicNames(requests=lanes, responses=one("responses"), dead_letter=one("dead_letter"),
+                      status=one("status"))
 
 
 async def apply(bootstrap: str, specs: list[TopicSpec],

@@ -95,6 +95,8 @@ class FinalMessage(msgspec.Struct, frozen=True, tag="final", tag_field="type"):
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    detail: str = ""
+    """Why, where ``finish_reason`` alone does not say (e.g. ``overloaded`` for rejected)."""
 
 
 class ErrorMessage(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
@@ -108,6 +110,20 @@ class ErrorMessage(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
 
 
 ResponseMessage = TokenChunk | FinalMessage | ErrorMessage
+
+
+class WorkerStatus(msgspec.Struct, frozen=True):
+    """What each worker reports about itself on the status topic, keyed by ``worker_id``."""
+
+    worker_id: str
+    group_id: str
+    at: float
+    tokens_per_s: float
+    avg_tokens_per_request: float
+    running: int
+    waiting: int
+    held_requests: int
+    paused: bool
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
@@ -127,6 +143,7 @@ request_decoder = msgspec.json.Decoder(GenerationRequest)
 envelope_decoder = msgspec.json.Decoder(RequestEnvelope)
 response_decoder = msgspec.json.Decoder(ResponseMessage)
 dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
+status_decoder = msgspec.json.Decoder(WorkerStatus)
 _encoder = msgspec.json.Encoder()
 
 
@@ -146,4 +163,5 @@ def json_schemas() -> dict[str, dict[str, object]]:
         "request": msgspec.json.schema(GenerationRequest),
         "response": msgspec.json.schema(ResponseMessage),
         "dead_letter": msgspec.json.schema(DeadLetter),
+        "status": msgspec.json.schema(WorkerStatus),
     }

@@ -14,7 +14,8 @@ def write_topics_file(directory: Path, names: TopicNames) -> Path:
     """A ``topics/`` folder declaring ``names``, for the worker's ``--topics-dir``."""
     directory.mkdir(parents=True, exist_ok=True)
     entries = [(t, "requests") for t in names.requests]
-    entries += [(names.responses, "responses"), (names.dead_letter, "dead_letter")]
+    entries += [(names.responses, "responses"), (names.dead_letter, "dead_letter"),
+                (names.status, "status")]
     body = "".join(f'[[topic]]\nname = "{name}"\nrole = "{role}"\npartitions = 4\n\n'
                    for name, role in entries)
     (directory / "test.toml").write_text(body)

@@ -21,6 +21,7 @@ def test_the_declarations_name_every_role() -> None:
     assert names.requests == ("streamproc.requests.default",)
     assert names.responses == "streamproc.responses"
     assert names.dead_letter == "streamproc.dead-letter"
+    assert names.status == "streamproc.status"
 
 
 async def test_apply_creates_once_then_is_idempotent(bootstrap: str) -> None:

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from streamproc.engine.kvbatch import KVBatch
 from streamproc.engine.loader import LoadedModel
-from streamproc.engine.sequence import PreparedRequest, Sequence, TokenEvent, expired_event
+from streamproc.engine.sequence import PreparedRequest, Sequence, TokenEvent, unserved_event
 
 
 class Engine:
@@ -41,7 +41,7 @@ class Engine:
     def step(self, admitted: list[PreparedRequest]) -> list[TokenEvent]:
         """One iteration: decode the running batch, then prefill ``admitted``."""
         now = time.time()
-        events = [expired_event(p, now) for p in admitted if _past_deadline(p, now)]
+        events = [unserved_event(p, now, "expired") for p in admitted if _past_deadline(p, now)]
         fresh = [p for p in admitted if not _past_deadline(p, now)]
         with torch.inference_mode():
             if self._running:

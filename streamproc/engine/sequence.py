@@ -33,6 +33,7 @@ class Outcome:
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,13 @@ class TokenEvent:
         return self.source.request_id
 
 
-def expired_event(prepared: PreparedRequest, now: float) -> TokenEvent:
-    """The answer to a request whose deadline passed before its prefill."""
+def unserved_event(prepared: PreparedRequest, now: float, reason: FinishReason,
+                   detail: str = "") -> TokenEvent:
+    """The answer to a request that ends before its prefill (expired, rejected)."""
     waited = max(0.0, now - prepared.origin_ts)
     usage = Usage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=0)
-    outcome = Outcome("expired", usage, Timings(queue_s=waited, ttft_s=0.0, total_s=waited))
+    outcome = Outcome(reason, usage, Timings(queue_s=waited, ttft_s=0.0, total_s=waited),
+                      detail)
     return TokenEvent(prepared, [], "", outcome)
 
 

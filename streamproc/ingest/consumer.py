@@ -9,32 +9,37 @@ records and resumes below the low-water mark.
 from __future__ import annotations
 
 import logging
+import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from streamproc.channel import Job, WaitingQueue
+from streamproc.engine.sequence import PreparedRequest, unserved_event
 from streamproc.errors import RequestError
+from streamproc.flow.budget import InflightBudget
 from streamproc.flow.checkpoint import Checkpoint
+from streamproc.flow.shedding import cannot_meet_deadline
 from streamproc.ingest.decode import Undecodable, decode_request
 from streamproc.ingest.prepare import Preparer
+from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import Publisher
 
 log = logging.getLogger(__name__)
 POLL_TIMEOUT_MS = 200
-LOW_WATER = 0.75
 
 
 class Ingest:
     def __init__(self, consumer: AIOKafkaConsumer, preparer: Preparer, waiting: WaitingQueue,
-                 checkpoint: Checkpoint, publisher: Publisher, *, max_inflight: int,
-                 max_message_bytes: int) -> None:
+                 checkpoint: Checkpoint, budget: InflightBudget, publisher: Publisher,
+                 stats: WorkerStats, *, max_message_bytes: int) -> None:
         self._consumer = consumer
         self._preparer = preparer
         self._waiting = waiting
         self._checkpoint = checkpoint
+        self._budget = budget
         self._publisher = publisher
-        self._max_inflight = max_inflight
+        self._stats = stats
         self._max_bytes = max_message_bytes
         self.paused = False
 
@@ -42,26 +47,26 @@ class Ingest:
         """Fetch until cancelled."""
         while True:
             self._apply_gate()
-            room = max(1, self._max_inflight - self._checkpoint.in_flight())
-            fetched = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=room)
+            fetched = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS,
+                                                   max_records=self._budget.room())
             for tp, records in fetched.items():
                 for record in records:
                     await self._route(tp, record)
 
     def _apply_gate(self) -> None:
-        held = self._checkpoint.in_flight()
-        if not self.paused and held >= self._max_inflight:
-            self._consumer.pause(*self._consumer.assignment())
+        gate = self._budget.gate(self.paused)
+        if gate == "pause":
             self.paused = True
-        elif self.paused and held <= self._max_inflight * LOW_WATER:
+        elif gate == "resume":
             self._consumer.resume(*self._consumer.assignment())
             self.paused = False
-        elif self.paused:
-            # Partitions assigned by a rebalance since we paused start unpaused.
+        if self.paused:
+            # Also re-pauses partitions a rebalance assigned since: they start unpaused.
             self._consumer.pause(*self._consumer.assignment())
 
     async def _route(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         self._checkpoint.track(tp, record.offset)
+        self._budget.acquire((tp, record.offset))
         request = decode_request(record.value, self._max_bytes)
         if isinstance(request, Undecodable):
             await self._undecodable(record, request)
@@ -71,7 +76,19 @@ class Ingest:
         except RequestError as exc:
             await self._reject(record, request.request_id, request.reply_topic, exc)
             return
-        self._waiting.put(Job(prepared, tp, record.offset, self._preparer.reply_topic(request)))
+        job = Job(prepared, tp, record.offset, self._preparer.reply_topic(request))
+        if self._overloaded_for(prepared):
+            self._stats.finished("rejected", 0)
+            await self._publisher.publish(job, unserved_event(prepared, time.time(), "rejected",
+                                                              "overloaded"))
+            return
+        self._budget.acquire(job.key, len(prepared.prompt_ids) + prepared.max_new_tokens,
+                             prepared.max_new_tokens)
+        self._waiting.put(job)
+
+    def _overloaded_for(self, prepared: PreparedRequest) -> bool:
+        return cannot_meet_deadline(time.time(), prepared.request.deadline, self._budget.work,
+                                    prepared.max_new_tokens, self._stats.rate.tokens_per_s)
 
     async def _undecodable(self, record: ConsumerRecord, failure: Undecodable) -> None:
         log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition,
@@ -85,6 +102,7 @@ class Ingest:
     async def _reject(self, record: ConsumerRecord, request_id: str, reply_topic: str,
                       exc: RequestError, *, dead_lettered: bool = False) -> None:
         log.info("request %s rejected: %s: %s", request_id, exc.code, exc.message)
+        self._stats.finished(exc.code, 0)
         topic = reply_topic or self._preparer.reply_topic_default
         if not self._preparer.reply_allowed(topic):
             # Never write where a job asks unless allowed: answer on the default topic,

@@ -40,7 +40,7 @@ class Publisher:
         if event.outcome is not None:
             o = event.outcome
             final = wire.FinalMessage(job.request_id, self._seq(job), o.finish_reason, o.usage,
-                                      o.timings)
+                                      o.timings, o.detail)
             await self._finish(job, final)
 
     async def fail(self, job: Job, code: str, message: str, retriable: bool = False) -> None:

@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import time
+import uuid
 from contextlib import suppress
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from streamproc import kafka
+from streamproc import kafka, wire
 from streamproc.admission.policy import FixedWindowPolicy
 from streamproc.channel import WaitingQueue
 from streamproc.config import WorkerConfig
 from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel, load_tokenizer
+from streamproc.flow.budget import InflightBudget
 from streamproc.flow.checkpoint import Checkpoint
 from streamproc.ingest.consumer import Ingest
 from streamproc.ingest.prepare import Preparer
+from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import Publisher
 from streamproc.worker.serving import ServingLoop
 
@@ -32,21 +38,24 @@ log = logging.getLogger(__name__)
 class Worker:
     def __init__(self, config: WorkerConfig, loaded: LoadedModel) -> None:
         self.config = config
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.checkpoint = Checkpoint()
+        self.budget = InflightBudget(config.max_inflight, config.max_inflight_tokens)
+        self.stats = WorkerStats()
         self.waiting = WaitingQueue()
         self._producer = kafka.producer(config.bootstrap)
         self._consumer = kafka.consumer(config.bootstrap, group_id=config.group_id,
                                         max_poll_records=config.max_inflight)
-        self._publisher = Publisher(self._producer, config.topics.dead_letter,
-                                    self.checkpoint.done)
+        self._publisher = Publisher(self._producer, config.topics.dead_letter, self._done)
         preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
                             config.max_new_tokens_cap, config.topics)
         self.ingest = Ingest(self._consumer, preparer, self.waiting, self.checkpoint,
-                             self._publisher, max_inflight=config.max_inflight,
+                             self.budget, self._publisher, self.stats,
                              max_message_bytes=config.max_message_bytes)
         policy = FixedWindowPolicy(config.max_batch_size, config.max_batch_tokens,
                                    config.batch_window_ms / 1000)
-        self.serving = ServingLoop(Engine(loaded), self.waiting, policy, self._publisher)
+        self.serving = ServingLoop(Engine(loaded), self.waiting, policy, self._publisher,
+                                   self.stats)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopped = False
 
@@ -58,6 +67,7 @@ class Worker:
             "ingest": asyncio.create_task(self.ingest.run(), name="ingest"),
             "serving": asyncio.create_task(self.serving.run(), name="serving"),
             "commit": asyncio.create_task(self._commit_loop(), name="commit"),
+            "status": asyncio.create_task(self._status_loop(), name="status"),
         }
         log.info("worker started: group %s, lanes %s", self.config.group_id,
                  ", ".join(self.config.topics.requests))
@@ -81,6 +91,7 @@ class Worker:
         await _cancel(self._tasks.pop("serving", None))
         await self._publisher.flush()
         await _cancel(self._tasks.pop("commit", None))
+        await _cancel(self._tasks.pop("status", None))
         await self.commit()
         self.serving.close()
         await self._consumer.stop()
@@ -99,8 +110,30 @@ class Worker:
             return
         self.checkpoint.committed(offsets)
 
+    def status(self) -> wire.WorkerStatus:
+        return wire.WorkerStatus(
+            worker_id=self.worker_id, group_id=self.config.group_id, at=time.time(),
+            tokens_per_s=self.stats.rate.tokens_per_s,
+            avg_tokens_per_request=self.stats.avg_tokens_per_request,
+            running=self.serving.running, waiting=len(self.waiting),
+            held_requests=self.budget.requests, paused=self.ingest.paused)
+
+    def _done(self, tp: TopicPartition, offset: int) -> None:
+        self.checkpoint.done(tp, offset)
+        self.budget.release((tp, offset))
+
+    async def _status_loop(self) -> None:
+        while True:
+            try:
+                await self._producer.send(self.config.topics.status, wire.encode(self.status()),
+                                          key=self.worker_id.encode())
+            except KafkaError as exc:  # a missing status topic must not stop serving
+                log.warning("status not published: %s", exc)
+            await asyncio.sleep(self.config.status_interval_s)
+
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         dropped = self.waiting.drop(revoked)
+        self.budget.release_partitions(revoked)
         await self._publisher.flush()
         await self.commit(revoked)
         self.checkpoint.forget(revoked)

@@ -15,6 +15,7 @@ from streamproc.admission.policy import BatchDecision, FixedWindowPolicy
 from streamproc.channel import Job, WaitingQueue
 from streamproc.engine.engine import Engine
 from streamproc.engine.sequence import TokenEvent
+from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,9 @@ log = logging.getLogger(__name__)
 
 class ServingLoop:
     def __init__(self, engine: Engine, waiting: WaitingQueue, policy: FixedWindowPolicy,
-                 publisher: Publisher) -> None:
+                 publisher: Publisher, stats: WorkerStats) -> None:
         self._engine = engine
+        self._stats = stats
         self._waiting = waiting
         self._policy = policy
         self._publisher = publisher
@@ -69,12 +71,14 @@ class ServingLoop:
         for job in admitted:
             self._jobs[id(job.prepared)] = job
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         try:
             events = await loop.run_in_executor(
                 self._executor, self._engine.step, [j.prepared for j in admitted])
         except Exception as exc:
             await self._fail_running(exc)
             return
+        self._stats.step(sum(len(e.token_ids) for e in events), time.monotonic() - started)
         await self._publish(events)
 
     def _decide(self) -> BatchDecision:
@@ -87,6 +91,8 @@ class ServingLoop:
             job = self._jobs[id(event.source)]
             if event.outcome is not None:
                 del self._jobs[id(event.source)]
+                self._stats.finished(event.outcome.finish_reason,
+                                     event.outcome.usage.completion_tokens)
             await self._publisher.publish(job, event)
 
     async def _fail_running(self, exc: Exception) -> None:
@@ -95,5 +101,6 @@ class ServingLoop:
         self._engine.reset()
         jobs, self._jobs = list(self._jobs.values()), {}
         for job in jobs:
+            self._stats.finished("engine_error", 0)
             await self._publisher.fail(job, "engine_error", f"{type(exc).__name__}: {exc}",
                                        retriable=True)
