@@ -38,6 +38,21 @@ class GenerationError(StreamprocError):
         self.retriable = retriable
 
 
+class OverloadedError(StreamprocError):
+    """The lane's backlog is over the caller's limit; try again after ``retry_after_s``."""
+
+    retriable = True
+
+    def __init__(self, topic: str, drain_s: float, retry_after_s: float) -> None:
+        shown = "unknown (no worker reports throughput)" if drain_s == float("inf") \
+            else f"{drain_s:.1f}s"
+        super().__init__(f"{topic} is overloaded: estimated drain time {shown}; "
+                         f"retry after {retry_after_s:.1f}s")
+        self.topic = topic
+        self.drain_s = drain_s
+        self.retry_after_s = retry_after_s
+
+
 class EngineDeadError(StreamprocError):
     """The model engine failed in a way no single request explains."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import defaultdict
 
@@ -89,3 +90,12 @@ def reference_tokens(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens:
                                 pad_token_id=loaded.pad_id)
     tokens: list[int] = out[0, len(prompt_ids):].tolist()
     return tokens
+
+
+async def run_cli(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamproc", *args, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(stdin), 120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

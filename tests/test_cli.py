@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,8 @@ import pytest
 from streamproc.cli.main import main
 from streamproc.config import WorkerConfig
 from streamproc.worker.app import Worker
+
+from .helpers import run_cli
 
 COMMANDS = [["worker"], ["submit"], ["topics"], ["topics", "apply"], ["local-kafka"],
             ["make-tiny-model"], ["schema"], ["demo"]]
@@ -36,15 +36,6 @@ def test_local_kafka_status_without_a_broker(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["local-kafka", "status", "--state-dir", str(tmp_path)]) == 1
     assert capsys.readouterr().out.strip() == "not running"
-
-
-async def run_cli(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streamproc", *args, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(stdin), 120)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 def topic_args(config: WorkerConfig) -> list[str]:

@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from streamproc.cli import broker_cmds, demo_cmd, submit_cmd, worker_cmd
-from streamproc.errors import StreamprocError
+from streamproc.cli import broker_cmds, demo_cmd, lag_cmd, submit_cmd, worker_cmd
+from streamproc.errors import OverloadedError, StreamprocError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     worker_cmd.register(sub)
     submit_cmd.register(sub)
+    lag_cmd.register(sub)
     broker_cmds.register(sub)
     demo_cmd.register(sub)
     return parser
@@ -29,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except OverloadedError as exc:
+        print(f"streamproc: {exc}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: try again later
     except StreamprocError as exc:
         print(f"streamproc: error: {exc}", file=sys.stderr)
         return 2

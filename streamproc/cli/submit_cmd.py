@@ -15,6 +15,7 @@ from streamproc.cli.common import add_bootstrap, bootstrap, run
 from streamproc.client import Result, ResultStream, StreamprocClient
 from streamproc.config import TopicNames
 from streamproc.errors import GenerationError
+from streamproc.flow.admission import AdmissionPolicy
 
 _DEFAULTS = TopicNames()
 
@@ -34,7 +35,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--request-topic", default=_DEFAULTS.requests[0])
     p.add_argument("--reply-topic", default=_DEFAULTS.responses)
+    p.add_argument("--priority", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="give up after SECONDS (600)")
+    adm = p.add_argument_group("admission", "check the lane's backlog before submitting")
+    adm.add_argument("--admission", choices=["block", "reject", "shed"],
+                     help="block: wait until the drain time is under --max-drain; reject: "
+                     "fail at once; shed: fail only jobs below --shed-below-priority")
+    adm.add_argument("--max-drain", type=float, default=30.0,
+                     help="estimated drain time, in seconds, counted as overloaded (30)")
+    adm.add_argument("--admission-timeout", type=float, default=60.0,
+                     help="block: how long to wait (60)")
+    adm.add_argument("--shed-below-priority", type=int, default=1)
+    adm.add_argument("--group", default="streamproc-workers",
+                     help="the workers' consumer group, whose lag is checked")
     add_bootstrap(p)
     p.set_defaults(handler=_main)
 
@@ -64,9 +77,13 @@ async def _submit_all(args: argparse.Namespace, prompts: list[str]) -> int:
     params = wire.GenerationParams(max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p,
                                    stop=args.stop, seed=args.seed)
+    admission = None if args.admission is None else AdmissionPolicy(
+        args.admission, args.max_drain, args.admission_timeout, args.shed_below_priority)
     async with StreamprocClient(bootstrap(args), request_topic=args.request_topic,
-                                reply_topic=args.reply_topic) as client:
-        streams = [await client.submit(p, params=params) for p in prompts]
+                                reply_topic=args.reply_topic, admission=admission,
+                                group_id=args.group) as client:
+        streams = [await client.submit(p, params=params, priority=args.priority)
+                   for p in prompts]
         if len(streams) == 1 and not args.json:
             return await _stream_one(streams[0])
         outcomes = await asyncio.gather(*(_finish(s, args.json) for s in streams))

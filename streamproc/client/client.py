@@ -23,8 +23,10 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from streamproc import kafka, wire
+from streamproc.client.admission import AdmissionGate
 from streamproc.config import TopicNames
 from streamproc.errors import GenerationError
+from streamproc.flow.admission import AdmissionPolicy
 
 log = logging.getLogger(__name__)
 _DEFAULTS = TopicNames()
@@ -57,6 +59,10 @@ class ResultStream:
         self._tokens: list[int] = []
         self._arrivals: list[float] = []
         self._result: Result | None = None
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
 
     def deliver(self, message: wire.ResponseMessage) -> bool:
         """Accept ``message`` if it is the next in sequence; False for a duplicate."""
@@ -113,9 +119,16 @@ class StreamprocClient:
     """``async with StreamprocClient(bootstrap) as client: stream = await client.submit(...)``"""
 
     def __init__(self, bootstrap: str, *, request_topic: str = _DEFAULTS.requests[0],
-                 reply_topic: str = _DEFAULTS.responses) -> None:
+                 reply_topic: str = _DEFAULTS.responses,
+                 admission: AdmissionPolicy | None = None,
+                 group_id: str = "streamproc-workers",
+                 status_topic: str = _DEFAULTS.status) -> None:
+        """``admission``: check the lane's lag before each submit (None: never check).
+        ``group_id`` and ``status_topic`` say whose lag and throughput to look at."""
         self.request_topic = request_topic
         self.reply_topic = reply_topic
+        self._gate = None if admission is None else AdmissionGate(
+            bootstrap, group_id, request_topic, status_topic, admission)
         self._producer = kafka.producer(bootstrap)
         self._consumer = kafka.consumer(bootstrap, group_id=None)
         self._streams: dict[str, ResultStream] = {}
@@ -142,6 +155,8 @@ class StreamprocClient:
         await self._consumer.seek_to_end(*tps)
         for tp in tps:  # resolve positions now, so no reply can slip past
             await self._consumer.position(tp)
+        if self._gate is not None:
+            await self._gate.start()
         self._reader = asyncio.create_task(self._read(), name="streamproc-client-reader")
 
     async def _reply_partitions(self) -> set[int]:
@@ -160,12 +175,21 @@ class StreamprocClient:
             self._reader = None
         await self._producer.stop()
         await self._consumer.stop()
+        if self._gate is not None:
+            await self._gate.stop()
 
     async def submit(self, prompt: str | list[wire.ChatMessage], *,
                      params: wire.GenerationParams | None = None, priority: int = 0,
                      deadline: float | None = None,
                      request_id: str | None = None) -> ResultStream:
-        """Publish one job; returns its stream at once (tokens follow as generated)."""
+        """Publish one job; returns its stream at once (tokens follow as generated).
+
+        With an admission policy this may first wait, or raise
+        :class:`~streamproc.errors.OverloadedError`. A job the broker does not accept
+        fails its stream with code ``publish_failed``.
+        """
+        if self._gate is not None:
+            await self._gate.admit(priority)
         rid = request_id or uuid.uuid4().hex
         stream = ResultStream(rid)
         self._streams[rid] = stream
@@ -173,9 +197,17 @@ class StreamprocClient:
             request_id=rid, prompt=prompt, params=params or wire.GenerationParams(),
             priority=priority, deadline=deadline, reply_topic=self.reply_topic,
             submitted_at=stream.submitted_at)
-        await self._producer.send_and_wait(self.request_topic, wire.encode(request),
-                                           key=rid.encode())
+        delivery = await self._producer.send(self.request_topic, wire.encode(request),
+                                             key=rid.encode())
+        delivery.add_done_callback(lambda done: self._delivered(stream, done))
         return stream
+
+    def _delivered(self, stream: ResultStream, delivery: asyncio.Future[object]) -> None:
+        if delivery.cancelled() or delivery.exception() is None:
+            return
+        self._streams.pop(stream.request_id, None)
+        stream.deliver(wire.ErrorMessage(stream.request_id, stream.next_seq, "publish_failed",
+                                         str(delivery.exception()), retriable=True))
 
     async def generate(self, prompt: str | list[wire.ChatMessage], **options: object) -> Result:
         """Submit and wait for the whole result."""

@@ -8,14 +8,17 @@ over the last few samples (see :func:`streamproc.flow.lag.group_status`).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 
 from streamproc import kafka, wire
 from streamproc.config import TopicNames
@@ -28,6 +31,7 @@ from streamproc.flow.lag import (
     group_status,
 )
 
+T = TypeVar("T")
 STATUS_FRESH_S = 10.0
 """A worker whose last status is older than this is not counted as serving."""
 _STATUS_TAIL = 256
@@ -95,7 +99,8 @@ class LagMonitor:
         await self._admin.close()
 
     async def sample(self) -> LagReport:
-        committed = await self._admin.list_consumer_group_offsets(self.group_id)
+        committed = await _retrying(
+            lambda: self._admin.list_consumer_group_offsets(self.group_id))
         ends = await self._reader.end_offsets(self._partitions)
         members = await self._members()
         throughput = await self._throughput()
@@ -120,7 +125,9 @@ class LagMonitor:
                 for p in sorted(t["partitions"], key=lambda p: p["partition"])]
 
     async def _members(self) -> int:
-        for response in await self._admin.describe_consumer_groups([self.group_id]):
+        described = await _retrying(
+            lambda: self._admin.describe_consumer_groups([self.group_id]))
+        for response in described:
             for group in response.to_object()["groups"]:
                 if group["group"] == self.group_id:
                     return len(group["members"])
@@ -165,6 +172,18 @@ class LagMonitor:
                 for record in records:
                     _keep_latest(latest, record.value)
         return latest
+
+
+async def _retrying(call: Callable[[], Awaitable[T]], attempts: int = 20) -> T:
+    """Retry errors Kafka marks retriable (a coordinator still being elected, say)."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except KafkaError as exc:
+            if not exc.retriable or attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.25)
+    raise AssertionError("unreachable")
 
 
 def _keep_latest(latest: dict[str, wire.WorkerStatus], value: bytes | None) -> None:

@@ -1,0 +1,137 @@
+"""Backpressure on a real broker: lag states, producer admission policies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from streamproc import kafka, wire
+from streamproc.client import StreamprocClient
+from streamproc.config import TopicNames, WorkerConfig
+from streamproc.engine.loader import LoadedModel
+from streamproc.errors import OverloadedError
+from streamproc.flow.admission import AdmissionPolicy
+from streamproc.flow.monitor import LagMonitor
+from streamproc.worker.app import Worker
+
+from .helpers import run_cli
+from .processes import write_topics_file
+
+pytestmark = pytest.mark.kafka
+
+
+async def publish_requests(bootstrap: str, topic: str, count: int) -> None:
+    producer = kafka.producer(bootstrap)
+    await producer.start()
+    try:
+        for i in range(count):
+            request = wire.GenerationRequest(request_id=f"pre-{i}", prompt="queued",
+                                             params=wire.GenerationParams(max_new_tokens=2))
+            await producer.send(topic, wire.encode(request), key=request.request_id.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+@pytest.fixture
+async def monitor(bootstrap: str, topic_names: TopicNames) -> AsyncIterator[LagMonitor]:
+    running = LagMonitor(bootstrap, "lag-states", topic_names, window=3)
+    await running.start()
+    yield running
+    await running.stop()
+
+
+async def joined_member(bootstrap: str, topics: TopicNames) -> AIOKafkaConsumer:
+    """A group member that holds its partitions and commits only when told to."""
+    member = kafka.consumer(bootstrap, topics.requests[0], group_id="lag-states")
+    await member.start()
+    while not member.assignment():
+        await member.getmany(timeout_ms=200)
+    return member
+
+
+async def commit_to(member: AIOKafkaConsumer, topic: str, offset: int) -> None:
+    tps = [tp for tp in member.assignment() if tp.topic == topic]
+    await member.commit({tp: offset if tp.partition == 0 else 0 for tp in tps})
+
+
+async def test_lag_monitor_reports_stop_stall_warn_and_ok(
+        bootstrap: str, topic_names: TopicNames, monitor: LagMonitor, tmp_path: Path) -> None:
+    lane = topic_names.requests[0]
+    producer = kafka.producer(bootstrap)
+    await producer.start()
+
+    async def publish(count: int) -> None:
+        for _ in range(count):
+            await producer.send(lane, b"{}", partition=0)
+        await producer.flush()
+
+    await publish(10)
+    assert (await monitor.sample()).status == "STOP"  # lag, and nobody in the group
+
+    member = await joined_member(bootstrap, topic_names)
+    await commit_to(member, lane, 2)
+    for _ in range(3):  # a member that stopped committing
+        report = await monitor.sample()
+    assert report.status == "STALL"
+    assert report.members == 1
+    assert max(p.oldest_age_s for p in report.partitions) > 0
+
+    for step in range(3):  # commits move, but arrivals outpace them
+        await publish(10)
+        await commit_to(member, lane, 3 + step)
+        report = await monitor.sample()
+    assert report.status == "WARN"
+
+    end = report.partitions[0].end_offset
+    await commit_to(member, lane, end)
+    report = await monitor.sample()
+    assert (report.status, report.lag) == ("OK", 0)
+
+    code, out, err = await run_cli(
+        "lag", "--bootstrap", bootstrap, "--group", "lag-states", "--once", "--json",
+        "--window", "1", "--topics-dir", str(write_topics_file(tmp_path, topic_names)))
+    assert code == 0, err
+    [group] = json.loads(out)["groups"]
+    assert group["status"] == "OK"
+    assert {"lag", "oldest_age_s", "drain_s"} <= set(group["partitions"][0])
+    await member.stop()
+    await producer.stop()
+
+
+async def test_producer_policies_under_lag(
+        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    topics = worker_config.topics
+    await publish_requests(worker_config.bootstrap, topics.requests[0], 20)
+
+    def client(policy: AdmissionPolicy) -> StreamprocClient:
+        return StreamprocClient(worker_config.bootstrap, request_topic=topics.requests[0],
+                                reply_topic=topics.responses, admission=policy,
+                                group_id=worker_config.group_id, status_topic=topics.status)
+
+    # No worker yet: 20 jobs of lag and no throughput, so the drain time is unknown.
+    async with client(AdmissionPolicy("reject", max_drain_s=5)) as rejecting:
+        with pytest.raises(OverloadedError) as caught:
+            await rejecting.submit("hi")
+        assert caught.value.retry_after_s == 5
+    async with client(AdmissionPolicy("shed", 5, timeout_s=0.5, shed_below_priority=1)) as shed:
+        with pytest.raises(OverloadedError):
+            await shed.submit("low", priority=0)
+    async with client(AdmissionPolicy("block", max_drain_s=5, timeout_s=120)) as blocking:
+        waiting = asyncio.create_task(blocking.submit(
+            "blocked", params=wire.GenerationParams(max_new_tokens=3)))
+        await asyncio.sleep(1.5)
+        assert not waiting.done()  # still held back: nothing can drain the lane yet
+        serving = Worker(worker_config, loaded_model)
+        await serving.start()
+        try:
+            stream = await asyncio.wait_for(waiting, 120)
+            result = await asyncio.wait_for(stream.result(), 60)
+        finally:
+            await serving.stop()
+    assert result.usage.completion_tokens == 3
