@@ -72,6 +72,12 @@ class WorkerConfig:
     """Most prompt + max-new tokens held; beyond it fetching pauses (bounds KV memory)."""
     status_interval_s: float = 2.0
     """How often the worker reports its throughput and load on the status topic."""
+    lag_interval_s: float = 5.0
+    """How often the worker refreshes its group's lag for its metrics."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics on this port (0: no metrics endpoint)."""
+    metrics_address: str = "127.0.0.1"
+    """Address the metrics endpoint binds; set 0.0.0.0 inside a container."""
     commit_interval_s: float = 0.5
     """How often done offsets are committed."""
     drain_timeout_s: float = 30.0
@@ -82,7 +88,9 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         self._check_positive("max_batch_size", "max_batch_tokens", "max_new_tokens_cap")
         self._check_positive("max_inflight", "max_message_bytes", "max_inflight_tokens",
-                             "status_interval_s")
+                             "status_interval_s", "lag_interval_s")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be 0 (off) or a port, got {self.metrics_port}")
         if self.batch_window_ms < 0 or self.commit_interval_s <= 0 or self.drain_timeout_s < 0:
             raise ConfigError("batch_window_ms, drain_timeout_s must be >= 0 and "
                               "commit_interval_s > 0")

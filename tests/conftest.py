@@ -56,7 +56,8 @@ async def topic_names(bootstrap: str) -> TopicNames:
 def worker_config(bootstrap: str, topic_names: TopicNames, tiny_model_dir: Path) -> WorkerConfig:
     return WorkerConfig(bootstrap=bootstrap, topics=topic_names, model=str(tiny_model_dir),
                         device="cpu", group_id=f"test-{uuid.uuid4().hex[:8]}",
-                        commit_interval_s=0.2, batch_window_ms=5, status_interval_s=0.3)
+                        commit_interval_s=0.2, batch_window_ms=5, status_interval_s=0.3,
+                        lag_interval_s=0.5)
 
 
 @pytest.fixture

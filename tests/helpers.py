@@ -6,6 +6,7 @@ import asyncio
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from aiokafka import TopicPartition
@@ -99,3 +100,11 @@ async def run_cli(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(process.communicate(stdin), 120)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Wait for state another task changes on its own schedule (a refresh loop, say)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.1)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from streamproc import logs
 from streamproc.config import bootstrap_from_env
 from streamproc.errors import ConfigError
 
@@ -28,12 +27,8 @@ def bootstrap(args: argparse.Namespace) -> str:
     return value
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # aiokafka reports every retry at INFO; that is noise for a person at a terminal.
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+def setup_logging(verbose: bool = False, fmt: logs.LogFormat = "text") -> None:
+    logs.setup(fmt, verbose)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -47,16 +47,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", help="model for the worker (default: a tiny local model)")
     p.add_argument("--prompts", type=int, default=8, help="how many prompts (8)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--no-worker", action="store_true",
+                   help="start no worker: use those already serving the broker "
+                   "(e.g. the docker-compose stack)")
     p.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     with ExitStack() as cleanup:
         address = args.bootstrap or bootstrap_from_env() or _local_broker(cleanup)
-        model = args.model or _tiny_model()
+        model = args.model or ("" if args.no_worker else _tiny_model())
         _say("applying topics")
         run(topics.apply(address, topics.load_specs()))
-        worker = _start_worker(address, model, cleanup)
+        worker = None if args.no_worker else _start_worker(address, model, cleanup)
         results = run(_stream_prompts(address, args.prompts, args.max_new_tokens, worker))
         print(summarize(results))
     return 0
@@ -125,7 +128,7 @@ def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
 
 
 async def _stream_prompts(address: str, count: int, max_new_tokens: int,
-                          worker: subprocess.Popen[bytes]) -> list[Result]:
+                          worker: subprocess.Popen[bytes] | None) -> list[Result]:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
     params = wire.GenerationParams(max_new_tokens=max_new_tokens)
     view = LiveView(prompts, tty=sys.stdout.isatty() and not os.environ.get("CI"))
@@ -134,7 +137,7 @@ async def _stream_prompts(address: str, count: int, max_new_tokens: int,
         _say(f"submitted {len(streams)} prompts; tokens appear as the worker generates them")
         started = time.monotonic()
         tasks = [asyncio.create_task(view.follow(i, s)) for i, s in enumerate(streams)]
-        watcher = asyncio.create_task(_watch(worker))
+        watcher = asyncio.create_task(_watch(worker) if worker else asyncio.Event().wait())
         done = asyncio.gather(*tasks)
         either: set[asyncio.Future[Any]] = {done, watcher}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)

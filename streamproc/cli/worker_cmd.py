@@ -34,15 +34,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-new-tokens-cap", type=int, help="cap on max_new_tokens (1024)")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float,
                    help="seconds to finish running requests on shutdown (30)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (off)")
+    p.add_argument("--metrics-address", help="metrics bind address (127.0.0.1)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one object per line, with request_id/topic/partition/offset")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.log_format)
     overrides = {k: getattr(args, k) for k in (
         "model", "device", "group_id", "max_batch_size", "max_batch_tokens", "batch_window_ms",
-        "max_inflight", "max_new_tokens_cap", "drain_timeout_s")}
+        "max_inflight", "max_new_tokens_cap", "drain_timeout_s", "metrics_port",
+        "metrics_address")}
     config = WorkerConfig.from_env(bootstrap=bootstrap(args), **overrides)
     config = replace(config, topics=topic_names(load_specs(args.topics_dir)))
     return run(serve(config))

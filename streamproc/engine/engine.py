@@ -24,14 +24,19 @@ class Engine:
         self._model = loaded.model
         self._running: list[Sequence] = []
         self._batch: KVBatch | None = None
+        self.last_prefill_s = 0.0
+        """Seconds the last step spent in prefill (0 when it admitted nothing)."""
+        self.last_decode_s = 0.0
+        """Seconds the last step spent decoding the running batch (0 when it was empty)."""
 
     @property
     def num_running(self) -> int:
         return len(self._running)
 
     @property
-    def running_ids(self) -> list[str]:
-        return [s.prepared.request_id for s in self._running]
+    def kv_tokens(self) -> int:
+        """Cache positions holding real tokens, over the running batch."""
+        return int(self._batch.mask.sum().item()) if self._batch is not None else 0
 
     def reset(self) -> None:
         """Forget every running sequence (after a failed step)."""
@@ -43,11 +48,16 @@ class Engine:
         now = time.time()
         events = [unserved_event(p, now, "expired") for p in admitted if _past_deadline(p, now)]
         fresh = [p for p in admitted if not _past_deadline(p, now)]
+        self.last_prefill_s = self.last_decode_s = 0.0
         with torch.inference_mode():
             if self._running:
+                started = time.perf_counter()
                 events += self._decode()
+                self.last_decode_s = time.perf_counter() - started
             if fresh:
+                started = time.perf_counter()
                 events += self._prefill(fresh)
+                self.last_prefill_s = time.perf_counter() - started
         return events
 
     def _decode(self) -> list[TokenEvent]:

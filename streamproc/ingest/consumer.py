@@ -22,6 +22,7 @@ from streamproc.flow.checkpoint import Checkpoint
 from streamproc.flow.shedding import cannot_meet_deadline
 from streamproc.ingest.decode import Undecodable, decode_request
 from streamproc.ingest.prepare import Preparer
+from streamproc.logs import record_context
 from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import Publisher
 
@@ -42,6 +43,8 @@ class Ingest:
         self._stats = stats
         self._max_bytes = max_message_bytes
         self.paused = False
+        self.paused_partitions = 0
+        """Read by the metrics thread: a plain int, updated on the event loop."""
 
     async def run(self) -> None:
         """Fetch until cancelled."""
@@ -63,6 +66,7 @@ class Ingest:
         if self.paused:
             # Also re-pauses partitions a rebalance assigned since: they start unpaused.
             self._consumer.pause(*self._consumer.assignment())
+        self.paused_partitions = len(self._consumer.assignment()) if self.paused else 0
 
     async def _route(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         self._checkpoint.track(tp, record.offset)
@@ -76,11 +80,13 @@ class Ingest:
         except RequestError as exc:
             await self._reject(record, request.request_id, request.reply_topic, exc)
             return
+        self._stats.kafka_wait.observe(max(0.0, time.time() - prepared.origin_ts))
         job = Job(prepared, tp, record.offset, self._preparer.reply_topic(request))
         if self._overloaded_for(prepared):
-            self._stats.finished("rejected", 0)
-            await self._publisher.publish(job, unserved_event(prepared, time.time(), "rejected",
-                                                              "overloaded"))
+            event = unserved_event(prepared, time.time(), "rejected", "overloaded")
+            assert event.outcome is not None
+            self._stats.finished(event.outcome)
+            await self._publisher.publish(job, event)
             return
         self._budget.acquire(job.key, len(prepared.prompt_ids) + prepared.max_new_tokens,
                              prepared.max_new_tokens)
@@ -92,17 +98,23 @@ class Ingest:
 
     async def _undecodable(self, record: ConsumerRecord, failure: Undecodable) -> None:
         log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition,
-                    record.offset, failure.reason)
+                    record.offset, failure.reason,
+                    extra={**record_context(record.topic, record.partition, record.offset),
+                           "code": failure.reason})
         await self._publisher.dead_letter(record, failure.reason, failure.detail)
-        if failure.envelope is not None:  # it names itself: tell its producer too
+        if failure.envelope is None:
+            self._stats.failed("dead_letter")
+        else:  # it names itself: tell its producer too
             error = RequestError("invalid_request", failure.detail)
             await self._reject(record, failure.envelope.request_id,
                                failure.envelope.reply_topic, error, dead_lettered=True)
 
     async def _reject(self, record: ConsumerRecord, request_id: str, reply_topic: str,
                       exc: RequestError, *, dead_lettered: bool = False) -> None:
-        log.info("request %s rejected: %s: %s", request_id, exc.code, exc.message)
-        self._stats.finished(exc.code, 0)
+        log.info("request %s rejected: %s: %s", request_id, exc.code, exc.message,
+                 extra={**record_context(record.topic, record.partition, record.offset,
+                                         request_id), "code": exc.code})
+        self._stats.failed(exc.code)
         topic = reply_topic or self._preparer.reply_topic_default
         if not self._preparer.reply_allowed(topic):
             # Never write where a job asks unless allowed: answer on the default topic,

@@ -18,6 +18,7 @@ from aiokafka.structs import ConsumerRecord
 from streamproc import wire
 from streamproc.channel import Job
 from streamproc.engine.sequence import TokenEvent
+from streamproc.logs import record_context
 
 log = logging.getLogger(__name__)
 OnAcked = Callable[[TopicPartition, int], None]
@@ -97,6 +98,8 @@ class Publisher:
             await ack
         except Exception:
             # Not marked done: the record is read again after a restart or rebalance.
-            log.exception("publish failed for %s offset %d; it will be redelivered", tp, offset)
+            log.exception("publish failed for %s[%d]@%d; it will be redelivered", tp.topic,
+                          tp.partition, offset,
+                          extra=record_context(tp.topic, tp.partition, offset))
             return
         self._on_acked(tp, offset)

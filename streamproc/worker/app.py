@@ -14,9 +14,12 @@ import socket
 import time
 import uuid
 from contextlib import suppress
+from typing import Any
 
+import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
+from prometheus_client import CollectorRegistry
 
 from streamproc import kafka, wire
 from streamproc.admission.policy import FixedWindowPolicy
@@ -26,8 +29,10 @@ from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel, load_tokenizer
 from streamproc.flow.budget import InflightBudget
 from streamproc.flow.checkpoint import Checkpoint
+from streamproc.flow.monitor import LagMonitor, LagReport
 from streamproc.ingest.consumer import Ingest
 from streamproc.ingest.prepare import Preparer
+from streamproc.metrics.prometheus import LiveGauges, WorkerCollector, serve
 from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import Publisher
 from streamproc.worker.serving import ServingLoop
@@ -54,8 +59,14 @@ class Worker:
                              max_message_bytes=config.max_message_bytes)
         policy = FixedWindowPolicy(config.max_batch_size, config.max_batch_tokens,
                                    config.batch_window_ms / 1000)
-        self.serving = ServingLoop(Engine(loaded), self.waiting, policy, self._publisher,
+        self.engine = Engine(loaded)
+        self.serving = ServingLoop(self.engine, self.waiting, policy, self._publisher,
                                    self.stats)
+        self._device = loaded.device
+        self.registry = CollectorRegistry()
+        self.registry.register(WorkerCollector(self.stats, self.gauges, lambda: self.lag))
+        self.lag: LagReport | None = None
+        self._metrics_server: Any = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopped = False
 
@@ -68,7 +79,13 @@ class Worker:
             "serving": asyncio.create_task(self.serving.run(), name="serving"),
             "commit": asyncio.create_task(self._commit_loop(), name="commit"),
             "status": asyncio.create_task(self._status_loop(), name="status"),
+            "lag": asyncio.create_task(self._lag_loop(), name="lag"),
         }
+        if self.config.metrics_port:
+            self._metrics_server = serve(self.registry, self.config.metrics_address,
+                                         self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_address,
+                     self.config.metrics_port)
         log.info("worker started: group %s, lanes %s", self.config.group_id,
                  ", ".join(self.config.topics.requests))
 
@@ -92,6 +109,10 @@ class Worker:
         await self._publisher.flush()
         await _cancel(self._tasks.pop("commit", None))
         await _cancel(self._tasks.pop("status", None))
+        await _cancel(self._tasks.pop("lag", None))
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         await self.commit()
         self.serving.close()
         await self._consumer.stop()
@@ -117,6 +138,32 @@ class Worker:
             avg_tokens_per_request=self.stats.avg_tokens_per_request,
             running=self.serving.running, waiting=len(self.waiting),
             held_requests=self.budget.requests, paused=self.ingest.paused)
+
+    def gauges(self) -> LiveGauges:
+        """Called on the metrics thread: reads plain attributes only."""
+        gpu = {}
+        if self._device.type == "cuda":
+            gpu = {"allocated": torch.cuda.memory_allocated(self._device),
+                   "reserved": torch.cuda.memory_reserved(self._device)}
+        return LiveGauges(
+            running=self.serving.running, waiting=len(self.waiting),
+            inflight_requests=self.budget.requests, inflight_tokens=self.budget.tokens,
+            kv_cache_tokens=self.engine.kv_tokens,
+            batch_window_s=self.config.batch_window_ms / 1000,
+            paused_partitions=self.ingest.paused_partitions, gpu_memory_bytes=gpu)
+
+    async def _lag_loop(self) -> None:
+        monitor = LagMonitor(self.config.bootstrap, self.config.group_id, self.config.topics)
+        await monitor.start()
+        try:
+            while True:
+                try:
+                    self.lag = await monitor.sample()
+                except KafkaError as exc:
+                    log.warning("lag not refreshed: %s", exc)
+                await asyncio.sleep(self.config.lag_interval_s)
+        finally:
+            await monitor.stop()
 
     def _done(self, tp: TopicPartition, offset: int) -> None:
         self.checkpoint.done(tp, offset)

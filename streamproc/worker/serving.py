@@ -31,6 +31,7 @@ class ServingLoop:
         self._publisher = publisher
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._jobs: dict[int, Job] = {}
+        self._last_token_at: dict[int, float] = {}
         self._draining = False
         self._idle = asyncio.Event()
 
@@ -68,18 +69,36 @@ class ServingLoop:
             if not self._draining:
                 await self._waiting.wait_for_arrival(decision.wait_s)
             return
+        started = time.monotonic()
         for job in admitted:
             self._jobs[id(job.prepared)] = job
+            self._stats.engine_queue.observe(started - job.enqueued_at)
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
         try:
             events = await loop.run_in_executor(
                 self._executor, self._engine.step, [j.prepared for j in admitted])
         except Exception as exc:
             await self._fail_running(exc)
             return
-        self._stats.step(sum(len(e.token_ids) for e in events), time.monotonic() - started)
+        self._record_step(events, time.monotonic() - started)
         await self._publish(events)
+
+    def _record_step(self, events: list[TokenEvent], busy_s: float) -> None:
+        stats, engine = self._stats, self._engine
+        stats.step(sum(len(e.token_ids) for e in events), busy_s)
+        if engine.last_prefill_s:
+            stats.prefill.observe(engine.last_prefill_s)
+        if engine.last_decode_s:
+            stats.decode_step.observe(engine.last_decode_s)
+        stats.batch_sequences.observe(len(self._jobs))
+        stats.batch_tokens.observe(engine.kv_tokens)
+        now = time.monotonic()
+        for event in events:
+            key = id(event.source)
+            previous = self._last_token_at.get(key)
+            if event.token_ids and previous is not None:
+                stats.inter_token.observe(now - previous)
+            self._last_token_at[key] = now
 
     def _decide(self) -> BatchDecision:
         return self._policy.decide(self._waiting.prompt_tokens(),
@@ -91,8 +110,8 @@ class ServingLoop:
             job = self._jobs[id(event.source)]
             if event.outcome is not None:
                 del self._jobs[id(event.source)]
-                self._stats.finished(event.outcome.finish_reason,
-                                     event.outcome.usage.completion_tokens)
+                self._last_token_at.pop(id(event.source), None)
+                self._stats.finished(event.outcome)
             await self._publisher.publish(job, event)
 
     async def _fail_running(self, exc: Exception) -> None:
@@ -100,7 +119,8 @@ class ServingLoop:
         log.exception("engine step failed; failing %d running requests", len(self._jobs))
         self._engine.reset()
         jobs, self._jobs = list(self._jobs.values()), {}
+        self._last_token_at.clear()
         for job in jobs:
-            self._stats.finished("engine_error", 0)
+            self._stats.failed("engine_error")
             await self._publisher.fail(job, "engine_error", f"{type(exc).__name__}: {exc}",
                                        retriable=True)
