@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import deque
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ class Job:
     offset: int
     reply_topic: str
     enqueued_at: float = field(default_factory=time.monotonic)
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    """This processing of the record; a redelivery after a crash gets a new one."""
 
     @property
     def request_id(self) -> str:

@@ -7,9 +7,13 @@ is the only door, and the CLI passes its flags on top of it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
+
+from aiokafka.helpers import create_ssl_context
 
 from streamproc.errors import ConfigError
 
@@ -26,6 +30,76 @@ def bootstrap_from_env(environ: Mapping[str, str] | None = None) -> str | None:
     return value or None
 
 
+Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+Mechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How clients authenticate and encrypt; passed to every aiokafka client.
+
+    Secrets come from ``STREAMPROC_SASL_PASSWORD`` or the file named by
+    ``STREAMPROC_SASL_PASSWORD_FILE``; they are kept out of ``repr`` (so out of
+    logs) and never exported as metrics.
+    """
+
+    protocol: Protocol = "PLAINTEXT"
+    sasl_mechanism: Mechanism = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+
+    def __post_init__(self) -> None:
+        if self.protocol not in _PROTOCOLS:
+            raise ConfigError(f"security protocol must be one of {_PROTOCOLS}")
+        if self.sasl_mechanism not in _MECHANISMS:
+            raise ConfigError(f"SASL mechanism must be one of {_MECHANISMS}")
+        if self.protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ConfigError(f"{self.protocol} needs STREAMPROC_SASL_USERNAME and "
+                              "STREAMPROC_SASL_PASSWORD (or STREAMPROC_SASL_PASSWORD_FILE)")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{name} {path!r} is not a readable file")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> KafkaSecurity:
+        env = os.environ if environ is None else environ
+        password = env.get(f"{ENV_PREFIX}SASL_PASSWORD", "")
+        password_file = env.get(f"{ENV_PREFIX}SASL_PASSWORD_FILE", "")
+        if password_file:
+            try:
+                password = Path(password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read STREAMPROC_SASL_PASSWORD_FILE: {exc}") from exc
+        return cls(
+            protocol=env.get(f"{ENV_PREFIX}SECURITY_PROTOCOL", "PLAINTEXT").upper(),  # type: ignore[arg-type]
+            sasl_mechanism=env.get(f"{ENV_PREFIX}SASL_MECHANISM", "PLAIN").upper(),  # type: ignore[arg-type]
+            sasl_username=env.get(f"{ENV_PREFIX}SASL_USERNAME", ""),
+            sasl_password=password,
+            ssl_cafile=env.get(f"{ENV_PREFIX}SSL_CAFILE", ""),
+            ssl_certfile=env.get(f"{ENV_PREFIX}SSL_CERTFILE", ""),
+            ssl_keyfile=env.get(f"{ENV_PREFIX}SSL_KEYFILE", ""),
+        )
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for aiokafka's producer, consumer and admin client."""
+        options: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.protocol.startswith("SASL"):
+            options.update(sasl_mechanism=self.sasl_mechanism,
+                           sasl_plain_username=self.sasl_username,
+                           sasl_plain_password=self.sasl_password)
+        if self.protocol.endswith("SSL"):
+            options["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile or None, certfile=self.ssl_certfile or None,
+                keyfile=self.ssl_keyfile or None)
+        return options
+
+
 @dataclass(frozen=True)
 class TopicNames:
     """Which topics a worker reads and writes (defaults match ``topics/``)."""
@@ -40,9 +114,16 @@ class TopicNames:
     """Where workers report throughput and load, for lag estimates and producers."""
     allowed_reply_topics: tuple[str, ...] = ()
     """Extra reply topics a request may name; ``responses`` is always allowed."""
+    allowed_reply_pattern: str = ""
+    """A regular expression reply topics may also fully match (empty: none)."""
 
     def reply_allowed(self, topic: str) -> bool:
-        return topic == self.responses or topic in self.allowed_reply_topics
+        if topic.startswith("__") or topic in (self.dead_letter, self.status, *self.requests):
+            return False  # never Kafka's internal topics or streamproc's own
+        if topic == self.responses or topic in self.allowed_reply_topics:
+            return True
+        return bool(self.allowed_reply_pattern) and \
+            re.fullmatch(self.allowed_reply_pattern, topic) is not None
 
 
 @dataclass(frozen=True)
@@ -84,10 +165,18 @@ class WorkerConfig:
     """On shutdown, how long running requests may take to finish before being handed back."""
     max_message_bytes: int = 1_000_000
     """Larger request messages go to the dead-letter topic unread."""
+    max_prompt_tokens: int = 8192
+    """Longer prompts are refused (``prompt_too_long``) whatever the model's context."""
+    allow_unsafe_weights: bool = False
+    """Load pickle-based weight files (``.bin``); off: only safetensors, nothing unpickled."""
+    reply_topic_pattern: str = ""
+    """A regular expression of extra reply topics jobs may name (beyond ``topics``)."""
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     def __post_init__(self) -> None:
         self._check_positive("max_batch_size", "max_batch_tokens", "max_new_tokens_cap")
         self._check_positive("max_inflight", "max_message_bytes", "max_inflight_tokens",
+                             "max_prompt_tokens",
                              "status_interval_s", "lag_interval_s")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be 0 (off) or a port, got {self.metrics_port}")
@@ -101,6 +190,11 @@ class WorkerConfig:
             )
         if not self.topics.requests:
             raise ConfigError("at least one request topic is needed")
+        try:
+            re.compile(self.reply_topic_pattern)
+        except re.error as exc:
+            raise ConfigError(f"reply_topic_pattern is not a regular expression: {exc}") \
+                from exc
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
@@ -116,13 +210,18 @@ class WorkerConfig:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None and f.name != "topics":
+            if raw is not None and f.name not in ("topics", "security"):
                 values[f.name] = _parse(f.name, raw, type(getattr(cls(), f.name)))
+        values["security"] = KafkaSecurity.from_env(env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(cls(), **values)
 
 
 def _parse(name: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not true or false")
+        return raw.lower() in ("1", "true", "yes")
     try:
         return kind(raw)
     except ValueError as exc:

@@ -7,32 +7,30 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from streamproc.config import KafkaSecurity
+
 CLIENT_ID = "streamproc"
 
 
-def producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
+def _base(bootstrap: str, security: KafkaSecurity | None) -> dict[str, Any]:
+    return {"bootstrap_servers": bootstrap, "client_id": CLIENT_ID,
+            **(security or KafkaSecurity()).client_options()}
+
+
+def producer(bootstrap: str, security: KafkaSecurity | None = None,
+             **overrides: Any) -> AIOKafkaProducer:
     """An idempotent producer that waits for all in-sync replicas."""
-    options: dict[str, Any] = {
-        "bootstrap_servers": bootstrap,
-        "client_id": CLIENT_ID,
-        "acks": "all",
-        "enable_idempotence": True,
-        "linger_ms": 2,
-    }
-    options.update(overrides)
+    options = {**_base(bootstrap, security), "acks": "all", "enable_idempotence": True,
+               "linger_ms": 2, **overrides}
     return AIOKafkaProducer(**options)
 
 
-def consumer(bootstrap: str, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
-    options: dict[str, Any] = {
-        "bootstrap_servers": bootstrap,
-        "client_id": CLIENT_ID,
-        "enable_auto_commit": False,
-        "auto_offset_reset": "earliest",
-    }
-    options.update(overrides)
+def consumer(bootstrap: str, *topics: str, security: KafkaSecurity | None = None,
+             **overrides: Any) -> AIOKafkaConsumer:
+    options = {**_base(bootstrap, security), "enable_auto_commit": False,
+               "auto_offset_reset": "earliest", **overrides}
     return AIOKafkaConsumer(*topics, **options)
 
 
-def admin(bootstrap: str) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id=CLIENT_ID)
+def admin(bootstrap: str, security: KafkaSecurity | None = None) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**_base(bootstrap, security))

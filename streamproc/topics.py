@@ -17,7 +17,7 @@ from aiokafka.admin import NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from streamproc import kafka
-from streamproc.config import TopicNames
+from streamproc.config import KafkaSecurity, TopicNames
 from streamproc.errors import ConfigError
 
 Role = Literal["requests", "responses", "dead_letter", "status"]
@@ -93,10 +93,10 @@ def topic_names(specs: list[TopicSpec]) -> TopicNames:
                       status=one("status"))
 
 
-async def apply(bootstrap: str, specs: list[TopicSpec],
-                replication_factor: int | None = None) -> ApplyReport:
+async def apply(bootstrap: str, specs: list[TopicSpec], replication_factor: int | None = None,
+                security: KafkaSecurity | None = None) -> ApplyReport:
     """Create missing topics; report, never change, those that differ."""
-    client = kafka.admin(bootstrap)
+    client = kafka.admin(bootstrap, security)
     await client.start()
     try:
         existing = set(await client.list_topics())

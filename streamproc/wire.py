@@ -72,6 +72,8 @@ class TokenChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
     seq: int
     text: str
     token_ids: list[int]
+    attempt: str = ""
+    """Which processing of the request produced this; a replay after a crash has a new one."""
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -97,6 +99,7 @@ class FinalMessage(msgspec.Struct, frozen=True, tag="final", tag_field="type"):
     timings: Timings
     detail: str = ""
     """Why, where ``finish_reason`` alone does not say (e.g. ``overloaded`` for rejected)."""
+    attempt: str = ""
 
 
 class ErrorMessage(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
@@ -107,6 +110,7 @@ class ErrorMessage(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
     code: str
     message: str
     retriable: bool = False
+    attempt: str = ""
 
 
 ResponseMessage = TokenChunk | FinalMessage | ErrorMessage

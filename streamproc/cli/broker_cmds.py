@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from streamproc import localkafka, topics, wire
-from streamproc.cli.common import add_bootstrap, bootstrap, run
+from streamproc.cli.common import add_bootstrap, bootstrap, run, security
 from streamproc.engine.tiny import make_tiny_model
 
 
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _apply(args: argparse.Namespace) -> int:
     specs = topics.load_specs(args.dir)
-    report = run(topics.apply(bootstrap(args), specs, args.replication_factor))
+    report = run(topics.apply(bootstrap(args), specs, args.replication_factor, security()))
     for name in report.created:
         print(f"created   {name}")
     for name in report.unchanged:

@@ -8,7 +8,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from streamproc import logs
-from streamproc.config import bootstrap_from_env
+from streamproc.config import KafkaSecurity, bootstrap_from_env
 from streamproc.errors import ConfigError
 
 T = TypeVar("T")
@@ -25,6 +25,11 @@ def bootstrap(args: argparse.Namespace) -> str:
         raise ConfigError("no broker: pass --bootstrap HOST:PORT or set STREAMPROC_BOOTSTRAP "
                           "(`streamproc local-kafka start` prints one)")
     return value
+
+
+def security() -> KafkaSecurity:
+    """SASL/TLS settings from ``STREAMPROC_SECURITY_PROTOCOL`` and friends."""
+    return KafkaSecurity.from_env()
 
 
 def setup_logging(verbose: bool = False, fmt: logs.LogFormat = "text") -> None:

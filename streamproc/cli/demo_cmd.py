@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from streamproc import localkafka, topics, wire
-from streamproc.cli.common import add_bootstrap, run
+from streamproc.cli.common import add_bootstrap, run, security
 from streamproc.cli.live import LiveView, summarize
 from streamproc.client import Result, StreamprocClient
 from streamproc.config import bootstrap_from_env
@@ -58,7 +58,7 @@ def _main(args: argparse.Namespace) -> int:
         address = args.bootstrap or bootstrap_from_env() or _local_broker(cleanup)
         model = args.model or ("" if args.no_worker else _tiny_model())
         _say("applying topics")
-        run(topics.apply(address, topics.load_specs()))
+        run(topics.apply(address, topics.load_specs(), security=security()))
         worker = None if args.no_worker else _start_worker(address, model, cleanup)
         results = run(_stream_prompts(address, args.prompts, args.max_new_tokens, worker))
         print(summarize(results))
@@ -132,7 +132,7 @@ async def _stream_prompts(address: str, count: int, max_new_tokens: int,
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
     params = wire.GenerationParams(max_new_tokens=max_new_tokens)
     view = LiveView(prompts, tty=sys.stdout.isatty() and not os.environ.get("CI"))
-    async with StreamprocClient(address) as client:
+    async with StreamprocClient(address, security=security()) as client:
         streams = [await client.submit(p, params=params) for p in prompts]
         _say(f"submitted {len(streams)} prompts; tokens appear as the worker generates them")
         started = time.monotonic()

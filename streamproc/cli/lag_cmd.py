@@ -9,7 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from streamproc.cli.common import add_bootstrap, bootstrap, run
+from streamproc.cli.common import add_bootstrap, bootstrap, run, security
 from streamproc.config import TopicNames
 from streamproc.flow.monitor import LagMonitor, LagReport
 from streamproc.topics import load_specs, topic_names
@@ -44,7 +44,8 @@ def _main(args: argparse.Namespace) -> int:
 
 async def _watch(address: str, groups: list[str], names: TopicNames,
                  args: argparse.Namespace) -> int:
-    monitors = [LagMonitor(address, g, names, window=args.window) for g in groups]
+    monitors = [LagMonitor(address, g, names, window=args.window, security=security())
+                for g in groups]
     for monitor in monitors:
         await monitor.start()
     try:

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from streamproc import wire
-from streamproc.cli.common import add_bootstrap, bootstrap, run
+from streamproc.cli.common import add_bootstrap, bootstrap, run, security
 from streamproc.client import Result, ResultStream, StreamprocClient
 from streamproc.config import TopicNames
 from streamproc.errors import GenerationError
@@ -81,7 +81,7 @@ async def _submit_all(args: argparse.Namespace, prompts: list[str]) -> int:
         args.admission, args.max_drain, args.admission_timeout, args.shed_below_priority)
     async with StreamprocClient(bootstrap(args), request_topic=args.request_topic,
                                 reply_topic=args.reply_topic, admission=admission,
-                                group_id=args.group) as client:
+                                group_id=args.group, security=security()) as client:
         streams = [await client.submit(p, params=params, priority=args.priority)
                    for p in prompts]
         if len(streams) == 1 and not args.json:

@@ -34,6 +34,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-new-tokens-cap", type=int, help="cap on max_new_tokens (1024)")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float,
                    help="seconds to finish running requests on shutdown (30)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (8192)")
+    p.add_argument("--reply-topic-pattern", help="regex of extra reply topics jobs may name")
+    p.add_argument("--allow-unsafe-weights", action="store_true", default=None,
+                   help="also load pickle-based .bin weights (default: safetensors only)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (off)")
     p.add_argument("--metrics-address", help="metrics bind address (127.0.0.1)")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
@@ -47,15 +51,19 @@ def _main(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "model", "device", "group_id", "max_batch_size", "max_batch_tokens", "batch_window_ms",
         "max_inflight", "max_new_tokens_cap", "drain_timeout_s", "metrics_port",
-        "metrics_address")}
+        "metrics_address", "max_prompt_tokens", "allow_unsafe_weights",
+        "reply_topic_pattern")}
     config = WorkerConfig.from_env(bootstrap=bootstrap(args), **overrides)
-    config = replace(config, topics=topic_names(load_specs(args.topics_dir)))
+    names = replace(topic_names(load_specs(args.topics_dir)),
+                    allowed_reply_pattern=config.reply_topic_pattern)
+    config = replace(config, topics=names)
     return run(serve(config))
 
 
 async def serve(config: WorkerConfig) -> int:
     log.info("loading model %s", config.model)
-    loaded = await asyncio.to_thread(load_model, config.model, config.device)
+    loaded = await asyncio.to_thread(load_model, config.model, config.device,
+                                     allow_unsafe_weights=config.allow_unsafe_weights)
     log.info("model ready on %s (%s), context %d tokens", loaded.device, loaded.dtype,
              loaded.max_context)
     worker = Worker(config, loaded)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from streamproc.config import TopicNames
+from streamproc.config import KafkaSecurity, TopicNames
 from streamproc.errors import OverloadedError
 from streamproc.flow.admission import AdmissionPolicy, decide
 from streamproc.flow.monitor import LagMonitor, LagReport
@@ -17,11 +17,13 @@ from streamproc.flow.monitor import LagMonitor, LagReport
 
 class AdmissionGate:
     def __init__(self, bootstrap: str, group_id: str, request_topic: str, status_topic: str,
-                 policy: AdmissionPolicy, refresh_s: float = 1.0) -> None:
+                 policy: AdmissionPolicy, refresh_s: float = 1.0,
+                 security: KafkaSecurity | None = None) -> None:
         self.policy = policy
         self._topic = request_topic
         self._monitor = LagMonitor(bootstrap, group_id,
-                                   TopicNames(requests=(request_topic,), status=status_topic))
+                                   TopicNames(requests=(request_topic,), status=status_topic),
+                                   security=security)
         self._refresh_s = refresh_s
         self._report: LagReport | None = None
         self._lock = asyncio.Lock()

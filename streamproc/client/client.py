@@ -24,7 +24,7 @@ from aiokafka.errors import KafkaError
 
 from streamproc import kafka, wire
 from streamproc.client.admission import AdmissionGate
-from streamproc.config import TopicNames
+from streamproc.config import KafkaSecurity, TopicNames
 from streamproc.errors import GenerationError
 from streamproc.flow.admission import AdmissionPolicy
 
@@ -122,15 +122,17 @@ class StreamprocClient:
                  reply_topic: str = _DEFAULTS.responses,
                  admission: AdmissionPolicy | None = None,
                  group_id: str = "streamproc-workers",
-                 status_topic: str = _DEFAULTS.status) -> None:
+                 status_topic: str = _DEFAULTS.status,
+                 security: KafkaSecurity | None = None) -> None:
         """``admission``: check the lane's lag before each submit (None: never check).
-        ``group_id`` and ``status_topic`` say whose lag and throughput to look at."""
+        ``group_id`` and ``status_topic`` say whose lag and throughput to look at.
+        ``security``: SASL/TLS settings (default plaintext); see ``KafkaSecurity``."""
         self.request_topic = request_topic
         self.reply_topic = reply_topic
         self._gate = None if admission is None else AdmissionGate(
-            bootstrap, group_id, request_topic, status_topic, admission)
-        self._producer = kafka.producer(bootstrap)
-        self._consumer = kafka.consumer(bootstrap, group_id=None)
+            bootstrap, group_id, request_topic, status_topic, admission, security=security)
+        self._producer = kafka.producer(bootstrap, security)
+        self._consumer = kafka.consumer(bootstrap, security=security, group_id=None)
         self._streams: dict[str, ResultStream] = {}
         self._reader: asyncio.Task[None] | None = None
 

@@ -43,8 +43,14 @@ class Engine:
         self._running = []
         self._batch = None
 
-    def step(self, admitted: list[PreparedRequest]) -> list[TokenEvent]:
-        """One iteration: decode the running batch, then prefill ``admitted``."""
+    def step(self, admitted: list[PreparedRequest],
+             abandon: frozenset[int] = frozenset()) -> list[TokenEvent]:
+        """One iteration: drop ``abandon`` (ids of admitted requests, no events), decode
+        the running batch, then prefill ``admitted``."""
+        if abandon:
+            for seq in self._running:
+                seq.finished = seq.finished or id(seq.prepared) in abandon
+            self._retire()
         now = time.time()
         events = [unserved_event(p, now, "expired") for p in admitted if _past_deadline(p, now)]
         fresh = [p for p in admitted if not _past_deadline(p, now)]

@@ -48,15 +48,22 @@ def load_tokenizer(name: str) -> Any:
     return AutoTokenizer.from_pretrained(name)
 
 
-def load_model(name: str, device: Device = "auto") -> LoadedModel:
-    """Load ``name`` (hub id or directory) for inference with the KV cache on."""
+def load_model(name: str, device: Device = "auto", *,
+               allow_unsafe_weights: bool = False) -> LoadedModel:
+    """Load ``name`` (hub id or directory) for inference with the KV cache on.
+
+    Only safetensors weights load unless ``allow_unsafe_weights``: pickle-based
+    ``.bin`` files can run code when read. Remote code is never trusted.
+    """
     if not name:
         raise ConfigError("no model given: pass --model <hub id or local directory>")
     hf_logging.disable_progress_bar()
     target = resolve_device(device)
     dtype = pick_dtype(target)
     tokenizer = load_tokenizer(name)
-    model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, use_safetensors=None if allow_unsafe_weights else True,
+        trust_remote_code=False)
     model = model.to(target).eval()
     model.generation_config.use_cache = True
     return LoadedModel(

@@ -1,25 +1,33 @@
 """Choosing the next token from logits, one generator per request.
 
 Each request owns its random generator, seeded from its ``seed``, so a sampled
-request's output does not depend on which other requests shared its batch.
+request's output does not depend on which other requests shared its batch. A
+request without a seed gets one derived from its request id: a request that a
+second worker generates again after a crash then produces the same tokens, so
+its replayed stream splices exactly onto what subscribers already received.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
 from streamproc.wire import GenerationParams
 
 
-def make_generator(params: GenerationParams, device: torch.device) -> torch.Generator | None:
+def make_generator(params: GenerationParams, device: torch.device,
+                   request_id: str) -> torch.Generator | None:
     if params.temperature == 0:
         return None
     generator = torch.Generator(device=device)
-    if params.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(params.seed)
+    generator.manual_seed(params.seed if params.seed is not None else default_seed(request_id))
     return generator
+
+
+def default_seed(request_id: str) -> int:
+    """Stable across processes and machines (unlike ``hash()``)."""
+    return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") >> 1
 
 
 def next_token(logits: torch.Tensor, params: GenerationParams,

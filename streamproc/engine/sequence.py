@@ -81,7 +81,7 @@ class Sequence:
             prepared=prepared,
             detokenizer=IncrementalDetokenizer(tokenizer, prepared.prompt_ids),
             stop=StopMatcher(params.stop),
-            generator=make_generator(params, device),
+            generator=make_generator(params, device, prepared.request_id),
             eos_ids=eos_ids,
         )
 

@@ -21,7 +21,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from streamproc import kafka, wire
-from streamproc.config import TopicNames
+from streamproc.config import KafkaSecurity, TopicNames
 from streamproc.flow.lag import (
     GroupSample,
     PartitionLag,
@@ -80,11 +80,11 @@ class LagMonitor:
     """Owns an admin client and a consumer (outside any group) for reading offsets."""
 
     def __init__(self, bootstrap: str, group_id: str, topics: TopicNames,
-                 window: int = 5) -> None:
+                 window: int = 5, security: KafkaSecurity | None = None) -> None:
         self.group_id = group_id
         self._topics = topics
-        self._admin = kafka.admin(bootstrap)
-        self._reader = kafka.consumer(bootstrap, group_id=None, enable_auto_commit=False)
+        self._admin = kafka.admin(bootstrap, security)
+        self._reader = kafka.consumer(bootstrap, security=security, group_id=None)
         self._samples: deque[GroupSample] = deque(maxlen=window)
         self._partitions: list[TopicPartition] = []
         self.last: LagReport | None = None

@@ -23,9 +23,10 @@ class Preparer:
     """Owns a tokenizer of its own (tokenizers are not shared across threads)."""
 
     def __init__(self, tokenizer: Any, max_context: int, max_new_tokens_cap: int,
-                 topics: TopicNames) -> None:
+                 topics: TopicNames, *, max_prompt_tokens: int | None = None) -> None:
         self._tokenizer = tokenizer
         self._max_context = max_context
+        self._max_prompt = max_prompt_tokens or max_context
         self._cap = max_new_tokens_cap
         self._topics = topics
 
@@ -46,6 +47,9 @@ class Preparer:
                                f"reply topic {request.reply_topic!r} is not served here")
         self._check_params(request.params)
         ids = self._tokenize(request.prompt)
+        if len(ids) > self._max_prompt:
+            raise RequestError("prompt_too_long", f"prompt has {len(ids)} tokens; the limit "
+                               f"is {self._max_prompt}")
         budget = self._max_context - len(ids)
         if budget < request.params.max_new_tokens:
             raise RequestError(

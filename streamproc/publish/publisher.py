@@ -36,18 +36,19 @@ class Publisher:
     async def publish(self, job: Job, event: TokenEvent) -> None:
         """Send what ``event`` adds to ``job``'s stream."""
         if event.token_ids or event.text:
-            chunk = wire.TokenChunk(job.request_id, self._seq(job), event.text, event.token_ids)
+            chunk = wire.TokenChunk(job.request_id, self._seq(job), event.text, event.token_ids,
+                                    job.attempt)
             await self._send(job.reply_topic, job.request_id, chunk)
         if event.outcome is not None:
             o = event.outcome
             final = wire.FinalMessage(job.request_id, self._seq(job), o.finish_reason, o.usage,
-                                      o.timings, o.detail)
+                                      o.timings, o.detail, job.attempt)
             await self._finish(job, final)
 
     async def fail(self, job: Job, code: str, message: str, retriable: bool = False) -> None:
         """End ``job``'s stream with an error message."""
         await self._finish(job, wire.ErrorMessage(job.request_id, self._seq(job), code, message,
-                                                  retriable))
+                                                  retriable, job.attempt))
 
     async def reject(self, reply_topic: str, request_id: str, tp: TopicPartition, offset: int,
                      code: str, message: str) -> None:
@@ -69,6 +70,10 @@ class Publisher:
         await self._producer.flush()
         if self._acks:
             await asyncio.gather(*self._acks, return_exceptions=True)
+
+    def forget(self, job: Job) -> None:
+        """``job`` was abandoned (its partition moved): drop its sequence counter."""
+        self._next_seq.pop(job.key, None)
 
     def _seq(self, job: Job) -> int:
         # Keyed by record, not request id: two jobs may reuse an id.

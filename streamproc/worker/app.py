@@ -48,12 +48,14 @@ class Worker:
         self.budget = InflightBudget(config.max_inflight, config.max_inflight_tokens)
         self.stats = WorkerStats()
         self.waiting = WaitingQueue()
-        self._producer = kafka.producer(config.bootstrap)
-        self._consumer = kafka.consumer(config.bootstrap, group_id=config.group_id,
+        self._producer = kafka.producer(config.bootstrap, config.security)
+        self._consumer = kafka.consumer(config.bootstrap, security=config.security,
+                                        group_id=config.group_id,
                                         max_poll_records=config.max_inflight)
         self._publisher = Publisher(self._producer, config.topics.dead_letter, self._done)
         preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
-                            config.max_new_tokens_cap, config.topics)
+                            config.max_new_tokens_cap, config.topics,
+                            max_prompt_tokens=config.max_prompt_tokens)
         self.ingest = Ingest(self._consumer, preparer, self.waiting, self.checkpoint,
                              self.budget, self._publisher, self.stats,
                              max_message_bytes=config.max_message_bytes)
@@ -153,7 +155,8 @@ class Worker:
             paused_partitions=self.ingest.paused_partitions, gpu_memory_bytes=gpu)
 
     async def _lag_loop(self) -> None:
-        monitor = LagMonitor(self.config.bootstrap, self.config.group_id, self.config.topics)
+        monitor = LagMonitor(self.config.bootstrap, self.config.group_id, self.config.topics,
+                             security=self.config.security)
         await monitor.start()
         try:
             while True:
@@ -180,12 +183,14 @@ class Worker:
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         dropped = self.waiting.drop(revoked)
+        abandoned = self.serving.abandon(revoked)
         self.budget.release_partitions(revoked)
         await self._publisher.flush()
         await self.commit(revoked)
         self.checkpoint.forget(revoked)
-        log.info("partitions revoked: %s; %d waiting requests handed back",
-                 sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked), len(dropped))
+        log.info("partitions revoked: %s; %d waiting and %d running requests handed back",
+                 sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked), len(dropped),
+                 abandoned)
 
     async def _commit_loop(self) -> None:
         while True:

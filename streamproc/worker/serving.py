@@ -11,6 +11,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from aiokafka import TopicPartition
+
 from streamproc.admission.policy import BatchDecision, FixedWindowPolicy
 from streamproc.channel import Job, WaitingQueue
 from streamproc.engine.engine import Engine
@@ -32,6 +34,7 @@ class ServingLoop:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._jobs: dict[int, Job] = {}
         self._last_token_at: dict[int, float] = {}
+        self._abandoned: set[int] = set()
         self._draining = False
         self._idle = asyncio.Event()
 
@@ -59,13 +62,23 @@ class ServingLoop:
             return False
         return True
 
+    def abandon(self, partitions: set[TopicPartition]) -> int:
+        """Stop running the jobs of ``partitions`` (revoked: their new owner redoes them).
+        They leave the engine at its next step without a final message."""
+        keys = [k for k, job in self._jobs.items() if job.tp in partitions]
+        for key in keys:
+            self._publisher.forget(self._jobs.pop(key))
+            self._last_token_at.pop(key, None)
+        self._abandoned.update(keys)
+        return len(keys)
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def _iterate(self) -> None:
         decision = self._decide()
         admitted = [] if self._draining else self._waiting.take(decision.admit)
-        if not admitted and not self._jobs:
+        if not admitted and not self._jobs and not self._abandoned:
             if not self._draining:
                 await self._waiting.wait_for_arrival(decision.wait_s)
             return
@@ -74,9 +87,10 @@ class ServingLoop:
             self._jobs[id(job.prepared)] = job
             self._stats.engine_queue.observe(started - job.enqueued_at)
         loop = asyncio.get_running_loop()
+        abandon, self._abandoned = frozenset(self._abandoned), set()
         try:
             events = await loop.run_in_executor(
-                self._executor, self._engine.step, [j.prepared for j in admitted])
+                self._executor, self._engine.step, [j.prepared for j in admitted], abandon)
         except Exception as exc:
             await self._fail_running(exc)
             return
@@ -107,7 +121,9 @@ class ServingLoop:
 
     async def _publish(self, events: list[TokenEvent]) -> None:
         for event in events:
-            job = self._jobs[id(event.source)]
+            job = self._jobs.get(id(event.source))
+            if job is None:  # abandoned while this step ran
+                continue
             if event.outcome is not None:
                 del self._jobs[id(event.source)]
                 self._last_token_at.pop(id(event.source), None)
