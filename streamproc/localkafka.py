@@ -60,6 +60,8 @@ class BrokerState:
     kafka_pid: int
     zookeeper_pid: int
     state_dir: str
+    sasl_bootstrap: str = ""
+    """A SASL_PLAINTEXT (PLAIN) listener, when started with ``sasl_users``."""
 
 
 def provision(root: Path | None = None, progress: Progress = print) -> Install:
@@ -128,8 +130,12 @@ def free_port() -> int:
 
 
 def start(state_dir: Path | None = None, *, port: int | None = None,
-          progress: Progress = print, timeout_s: float = 90.0) -> BrokerState:
-    """Start ZooKeeper and Kafka on loopback; return once the broker is ready."""
+          progress: Progress = print, timeout_s: float = 90.0,
+          sasl_users: dict[str, str] | None = None) -> BrokerState:
+    """Start ZooKeeper and Kafka on loopback; return once the broker is ready.
+
+    ``sasl_users`` (name → password) adds a SASL_PLAINTEXT listener using PLAIN.
+    """
     state_dir = state_dir or default_state_dir()
     running = status(state_dir)
     if running is not None:
@@ -138,9 +144,12 @@ def start(state_dir: Path | None = None, *, port: int | None = None,
     shutil.rmtree(state_dir, ignore_errors=True)
     state_dir.mkdir(parents=True)
     zk_port, kafka_port = free_port(), port or free_port()
+    sasl_port = free_port() if sasl_users else 0
     zk = _spawn(install, state_dir, "zookeeper", _zookeeper_props(state_dir, zk_port))
-    kafka = _spawn(install, state_dir, "kafka", _kafka_props(state_dir, zk_port, kafka_port))
-    state = BrokerState(f"127.0.0.1:{kafka_port}", kafka.pid, zk.pid, str(state_dir))
+    props = _kafka_props(state_dir, zk_port, kafka_port, sasl_port, sasl_users or {})
+    kafka = _spawn(install, state_dir, "kafka", props)
+    state = BrokerState(f"127.0.0.1:{kafka_port}", kafka.pid, zk.pid, str(state_dir),
+                        f"127.0.0.1:{sasl_port}" if sasl_port else "")
     _state_file(state_dir).write_text(json.dumps(asdict(state)))
     try:
         _wait_ready(state_dir / "kafka.out", kafka, timeout_s)
@@ -172,11 +181,15 @@ def _zookeeper_props(state_dir: Path, port: int) -> str:
             "clientPortAddress=127.0.0.1\nmaxClientCnxns=0\nadmin.enableServer=false\n")
 
 
-def _kafka_props(state_dir: Path, zk_port: int, port: int) -> str:
+def _kafka_props(state_dir: Path, zk_port: int, port: int, sasl_port: int = 0,
+                 sasl_users: dict[str, str] | None = None) -> str:
+    listeners = f"PLAINTEXT://127.0.0.1:{port}"
+    if sasl_port:
+        listeners += f",SASL_PLAINTEXT://127.0.0.1:{sasl_port}"
     settings = {
         "broker.id": "0",
-        "listeners": f"PLAINTEXT://127.0.0.1:{port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "listeners": listeners,
+        "advertised.listeners": listeners,
         "log.dirs": str(state_dir / "kafka-data"),
         "zookeeper.connect": f"127.0.0.1:{zk_port}",
         "offsets.topic.replication.factor": "1",
@@ -188,6 +201,12 @@ def _kafka_props(state_dir: Path, zk_port: int, port: int) -> str:
         "auto.create.topics.enable": "false",
         "num.partitions": "1",
     }
+    if sasl_port:
+        users = " ".join(f'user_{name}="{secret}"' for name, secret in (sasl_users or {}).items())
+        settings["sasl.enabled.mechanisms"] = "PLAIN"
+        settings["listener.name.sasl_plaintext.plain.sasl.jaas.config"] = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f"{users};")
     return "".join(f"{k}={v}\n" for k, v in settings.items())
 
 
@@ -201,6 +220,28 @@ def _wait_ready(log: Path, process: subprocess.Popen[bytes], timeout_s: float) -
             raise LocalKafkaError(f"Kafka exited with {process.returncode}:\n{tail}")
         time.sleep(0.2)
     raise LocalKafkaError(f"Kafka was not ready within {timeout_s:.0f}s; see {log}")
+
+
+def stop_broker_only(state_dir: Path, timeout_s: float = 30.0) -> None:
+    """Stop Kafka but keep ZooKeeper and the data: an outage, for resilience tests."""
+    state = _read_state(state_dir)
+    _terminate(state.kafka_pid, timeout_s)
+
+
+def restart_broker(state_dir: Path, timeout_s: float = 90.0) -> BrokerState:
+    """Start Kafka again after :func:`stop_broker_only`, same port, same data."""
+    state = _read_state(state_dir)
+    install = provision(progress=lambda _: None)
+    props = (state_dir / "kafka.properties").read_text()
+    kafka = _spawn(install, state_dir, "kafka", props)
+    restarted = BrokerState(state.bootstrap, kafka.pid, state.zookeeper_pid, state.state_dir)
+    _state_file(state_dir).write_text(json.dumps(asdict(restarted)))
+    _wait_ready(state_dir / "kafka.out", kafka, timeout_s)
+    return restarted
+
+
+def _read_state(state_dir: Path) -> BrokerState:
+    return BrokerState(**json.loads(_state_file(state_dir).read_text()))
 
 
 def status(state_dir: Path | None = None) -> BrokerState | None:

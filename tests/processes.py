@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,19 +25,20 @@ def write_topics_file(directory: Path, names: TopicNames) -> Path:
 
 class WorkerProcess:
     def __init__(self, config: WorkerConfig, topics_dir: Path, log: Path,
-                 *extra: str) -> None:
+                 *extra: str, env: dict[str, str] | None = None) -> None:
         self.command = [sys.executable, "-m", "streamproc", "worker",
                         "--bootstrap", config.bootstrap, "--model", config.model,
                         "--device", "cpu", "--group", config.group_id,
                         "--topics-dir", str(topics_dir), *extra]
         self.log = log
+        self.env = {**os.environ, **(env or {})}
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, timeout_s: float = 120.0) -> None:
         """Start and wait until the worker has joined its group."""
         with self.log.open("ab") as out:
             self.process = await asyncio.create_subprocess_exec(
-                *self.command, stdout=out, stderr=out)
+                *self.command, stdout=out, stderr=out, env=self.env)
         deadline = time.monotonic() + timeout_s
         while "partitions assigned" not in self.log.read_text(errors="replace"):
             assert self.process.returncode is None, self.log.read_text()[-3000:]

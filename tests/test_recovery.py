@@ -1,0 +1,151 @@
+"""Crashes, departures and outages with real processes and a real broker.
+
+Whatever happens to workers or the broker, the client API hands each request's
+stream over exactly once, in order, complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from streamproc import localkafka, topics, wire
+from streamproc.client import Result, ResultStream, StreamprocClient
+from streamproc.config import WorkerConfig
+from streamproc.engine.loader import LoadedModel
+
+from .helpers import read_topic, reference_tokens, streams_by_request, wait_for_lag_zero
+from .processes import WorkerProcess, write_topics_file
+
+pytestmark = [pytest.mark.kafka, pytest.mark.model]
+
+
+async def follow(stream: ResultStream, started: asyncio.Event) -> tuple[Result, list[int]]:
+    """The stream as an API user sees it: the seq of every chunk handed over, then the end."""
+    seen = []
+    async for chunk in stream:
+        seen.append(chunk.seq)
+        started.set()
+    return await stream.result(), seen
+
+
+def params(i: int) -> wire.GenerationParams:
+    # One in four samples without a seed: a replay must still splice exactly.
+    if i % 4 == 0:
+        return wire.GenerationParams(max_new_tokens=48, temperature=0.9, top_p=0.95)
+    return wire.GenerationParams(max_new_tokens=48)
+
+
+async def submit_all(client: StreamprocClient, count: int
+                     ) -> tuple[list[str], list[asyncio.Task[tuple[Result, list[int]]]],
+                                asyncio.Event]:
+    prompts = [f"job {i}: " + "kafka " * (i % 9) for i in range(count)]
+    started = asyncio.Event()
+    streams = [await client.submit(p, params=params(i)) for i, p in enumerate(prompts)]
+    return prompts, [asyncio.create_task(follow(s, started)) for s in streams], started
+
+
+def assert_exactly_once(outcomes: list[tuple[Result, list[int]]], count: int) -> None:
+    assert len({r.request_id for r, _ in outcomes}) == count
+    for result, seqs in outcomes:
+        assert seqs == list(range(len(seqs))), f"{result.request_id}: {seqs}"
+        assert result.usage.completion_tokens == len(result.token_ids)
+        assert result.finish_reason in ("length", "stop")
+
+
+def assert_greedy_matches(loaded: LoadedModel, prompts: list[str],
+                          outcomes: list[tuple[Result, list[int]]]) -> None:
+    for i in (1, 2, 3, 5, 6, 7):
+        ids = loaded.tokenizer(prompts[i]).input_ids
+        assert outcomes[i][0].token_ids == reference_tokens(loaded, ids, 48)
+
+
+def client_for(config: WorkerConfig) -> StreamprocClient:
+    return StreamprocClient(config.bootstrap, request_topic=config.topics.requests[0],
+                            reply_topic=config.topics.responses)
+
+
+async def test_kill_9_with_200_in_flight_then_a_new_worker_finishes_them(
+        worker_config: WorkerConfig, loaded_model: LoadedModel, tmp_path: Path) -> None:
+    topics_dir = write_topics_file(tmp_path / "topics", worker_config.topics)
+    first = WorkerProcess(worker_config, topics_dir, tmp_path / "first.log")
+    await first.start()
+    async with client_for(worker_config) as client:
+        prompts, tasks, started = await submit_all(client, 200)
+        await asyncio.wait_for(started.wait(), 60)
+        assert first.process is not None
+        first.process.kill()
+        await first.process.wait()
+        assert sum(not t.done() for t in tasks) > 0, "the crash came too late to matter"
+        second = WorkerProcess(worker_config, topics_dir, tmp_path / "second.log")
+        await second.start()
+        try:
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
+        finally:
+            await second.terminate()
+    assert_exactly_once(outcomes, 200)
+    assert_greedy_matches(loaded_model, prompts, outcomes)
+    raw = streams_by_request(await read_topic(worker_config.bootstrap,
+                                              worker_config.topics.responses))
+    replayed = [rid for rid, msgs in raw.items() if len({m.attempt for m in msgs}) > 1]
+    assert replayed, "no stream was regenerated: the kill did not interrupt any"
+    assert await wait_for_lag_zero(worker_config.bootstrap, worker_config.group_id,
+                                   worker_config.topics.requests) == 0
+
+
+async def test_two_workers_one_leaves_mid_run_the_other_takes_over(
+        worker_config: WorkerConfig, loaded_model: LoadedModel, tmp_path: Path) -> None:
+    topics_dir = write_topics_file(tmp_path / "topics", worker_config.topics)
+    leaving = WorkerProcess(worker_config, topics_dir, tmp_path / "leaving.log",
+                            "--drain-timeout", "0")
+    staying = WorkerProcess(worker_config, topics_dir, tmp_path / "staying.log")
+    await leaving.start()
+    await staying.start()
+    async with client_for(worker_config) as client:
+        prompts, tasks, started = await submit_all(client, 200)
+        await asyncio.wait_for(started.wait(), 60)
+        assert await leaving.terminate() == 0
+        try:
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
+        finally:
+            await staying.terminate()
+    assert_exactly_once(outcomes, 200)
+    assert_greedy_matches(loaded_model, prompts, outcomes)
+    assert staying.log.read_text().count("partitions assigned") >= 2  # it took over
+    assert await wait_for_lag_zero(worker_config.bootstrap, worker_config.group_id,
+                                   worker_config.topics.requests) == 0
+
+
+async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
+        tiny_model_dir: Path, loaded_model: LoadedModel, tmp_path: Path) -> None:
+    state_dir = tmp_path / "broker"
+    broker = await asyncio.to_thread(localkafka.start, state_dir, progress=lambda _: None)
+    try:
+        specs = [replace(s, partitions=2) for s in topics.load_specs()]
+        await topics.apply(broker.bootstrap, specs)
+        config = WorkerConfig(bootstrap=broker.bootstrap, topics=topics.topic_names(specs),
+                              model=str(tiny_model_dir), group_id=f"outage-{uuid.uuid4().hex}")
+        worker = WorkerProcess(config, write_topics_file(tmp_path / "topics", config.topics),
+                               tmp_path / "worker.log", "--max-batch-size", "4")
+        await worker.start()
+        async with client_for(config) as client:
+            prompts, tasks, started = await submit_all(client, 40)
+            await asyncio.wait_for(started.wait(), 60)
+            await asyncio.to_thread(localkafka.stop_broker_only, state_dir)
+            assert sum(not t.done() for t in tasks) > 0, "all done before the outage"
+            await asyncio.sleep(10)
+            await asyncio.to_thread(localkafka.restart_broker, state_dir)
+            try:
+                outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
+            finally:
+                await worker.terminate()
+        assert_exactly_once(outcomes, 40)
+        assert_greedy_matches(loaded_model, prompts, outcomes)
+        assert await wait_for_lag_zero(config.bootstrap, config.group_id,
+                                       config.topics.requests) == 0
+    finally:
+        await asyncio.to_thread(localkafka.stop, state_dir)
