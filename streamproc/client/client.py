@@ -211,9 +211,13 @@ class StreamprocClient:
         stream.deliver(wire.ErrorMessage(stream.request_id, stream.next_seq, "publish_failed",
                                          str(delivery.exception()), retriable=True))
 
-    async def generate(self, prompt: str | list[wire.ChatMessage], **options: object) -> Result:
+    async def generate(self, prompt: str | list[wire.ChatMessage], *,
+                       params: wire.GenerationParams | None = None, priority: int = 0,
+                       deadline: float | None = None,
+                       request_id: str | None = None) -> Result:
         """Submit and wait for the whole result."""
-        stream = await self.submit(prompt, **options)  # type: ignore[arg-type]
+        stream = await self.submit(prompt, params=params, priority=priority, deadline=deadline,
+                                   request_id=request_id)
         return await stream.result()
 
     async def _read(self) -> None:

@@ -17,7 +17,7 @@ from contextlib import suppress
 from typing import Any
 
 import torch
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
@@ -217,7 +217,3 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
     with suppress(asyncio.CancelledError):
         await task
 
-
-def consumer_of(worker: Worker) -> AIOKafkaConsumer:
-    """The worker's consumer, for tests that inspect group state."""
-    return worker._consumer
