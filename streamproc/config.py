@@ -144,7 +144,15 @@ class WorkerConfig:
     max_batch_tokens: int = 4096
     """Most prompt tokens prefilled in one step (budget in tokens, not requests)."""
     batch_window_ms: float = 10.0
-    """How long to gather new arrivals before their prefill when the engine is idle."""
+    """Fixed policy: how long an idle engine gathers arrivals. Adaptive: the shortest window."""
+    batch_policy: str = "adaptive"
+    """``adaptive`` (window and admission size follow latency) or ``fixed``."""
+    window_max_ms: float = 100.0
+    """Adaptive policy: the longest admission window."""
+    ttft_target_ms: float = 1000.0
+    """Adaptive policy: the time-to-first-token p95 to stay under."""
+    itl_target_ms: float = 100.0
+    """Adaptive policy: the inter-token latency p95 to stay under."""
     max_new_tokens_cap: int = 1024
     """Upper bound on any request's ``max_new_tokens``."""
     max_inflight: int = 256
@@ -190,6 +198,12 @@ class WorkerConfig:
             )
         if not self.topics.requests:
             raise ConfigError("at least one request topic is needed")
+        if self.batch_policy not in ("adaptive", "fixed"):
+            raise ConfigError(f"batch_policy must be adaptive or fixed, got {self.batch_policy!r}")
+        if self.ttft_target_ms <= 0 or self.itl_target_ms <= 0:
+            raise ConfigError("latency targets must be positive")
+        if self.window_max_ms < self.batch_window_ms:
+            raise ConfigError("window_max_ms must be at least batch_window_ms")
         try:
             re.compile(self.reply_topic_pattern)
         except re.error as exc:

@@ -1,14 +1,19 @@
 """How many waiting requests to admit into the running batch, and when.
 
-Pure: numbers and a clock in, a decision out, so it is tested without Kafka or
-a model. This is the fixed-window policy: while the engine is busy, newcomers
-join at the next step; while it is idle, arrivals are gathered for up to
+Pure: numbers and a clock in, a decision out, so they are tested without Kafka
+or a model. The fixed-window policy: while the engine is busy, newcomers join
+at the next step; while it is idle, arrivals are gathered for up to
 ``window_s`` (or until a full batch is waiting) so their prefill is batched.
+The adaptive policy gathers busy or idle, with the window and the admission
+size moved by an :class:`AdaptiveController` from measured latencies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+from streamproc.admission.adaptive import AdaptiveController
 
 
 @dataclass(frozen=True)
@@ -19,28 +24,73 @@ class BatchDecision:
     """When ``admit`` is 0: how long to wait for more (None: until something arrives)."""
 
 
+class BatchPolicy(Protocol):
+    @property
+    def window_s(self) -> float: ...
+
+    @property
+    def admit_size(self) -> int: ...
+
+    def decide(self, waiting_prompt_tokens: list[int], oldest_wait_s: float,
+               running: int) -> BatchDecision: ...
+
+
+def fits_budget(prompt_tokens: list[int], limit: int, max_tokens: int) -> int:
+    """Requests from the head that fit ``limit`` slots and the token budget (at least one)."""
+    total = 0
+    for count, tokens in enumerate(prompt_tokens[:limit]):
+        total += tokens
+        if total > max_tokens:
+            return max(count, 1)
+    return min(limit, len(prompt_tokens))
+
+
 @dataclass(frozen=True)
 class FixedWindowPolicy:
     max_batch_size: int
     max_batch_tokens: int
     window_s: float
 
+    @property
+    def admit_size(self) -> int:
+        return self.max_batch_size
+
     def decide(self, waiting_prompt_tokens: list[int], oldest_wait_s: float,
                running: int) -> BatchDecision:
         free = self.max_batch_size - running
         if free <= 0 or not waiting_prompt_tokens:
             return BatchDecision(0, None)
-        fits = self._fits(waiting_prompt_tokens, free)
+        fits = fits_budget(waiting_prompt_tokens, free, self.max_batch_tokens)
         batch_full = fits < len(waiting_prompt_tokens) or fits == free
         if running > 0 or batch_full or oldest_wait_s >= self.window_s:
             return BatchDecision(fits, None)
         return BatchDecision(0, self.window_s - oldest_wait_s)
 
-    def _fits(self, prompt_tokens: list[int], free: int) -> int:
-        """Requests from the head that fit the slot and token budgets (at least one)."""
-        total = 0
-        for count, tokens in enumerate(prompt_tokens[:free]):
-            total += tokens
-            if total > self.max_batch_tokens:
-                return max(count, 1)
-        return min(free, len(prompt_tokens))
+
+@dataclass(frozen=True)
+class AdaptivePolicy:
+    """Admit at most ``admit_size`` at once, when ``window_s`` has passed for the oldest
+    arrival or that many are waiting — busy or idle. The controller moves both knobs."""
+
+    controller: AdaptiveController
+    max_batch_size: int
+    max_batch_tokens: int
+
+    @property
+    def window_s(self) -> float:
+        return self.controller.window_s
+
+    @property
+    def admit_size(self) -> int:
+        return self.controller.admit_size
+
+    def decide(self, waiting_prompt_tokens: list[int], oldest_wait_s: float,
+               running: int) -> BatchDecision:
+        free = self.max_batch_size - running
+        if free <= 0 or not waiting_prompt_tokens:
+            return BatchDecision(0, None)
+        limit = min(free, self.admit_size)
+        if len(waiting_prompt_tokens) >= limit or oldest_wait_s >= self.window_s:
+            return BatchDecision(fits_budget(waiting_prompt_tokens, limit,
+                                             self.max_batch_tokens), None)
+        return BatchDecision(0, self.window_s - oldest_wait_s)

@@ -29,7 +29,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--topics-dir", type=Path, help="topic declarations (default: ./topics)")
     p.add_argument("--max-batch-size", type=int, help="most sequences decoding together (32)")
     p.add_argument("--max-batch-tokens", type=int, help="most prompt tokens per prefill (4096)")
-    p.add_argument("--batch-window-ms", type=float, help="gather window when idle (10)")
+    p.add_argument("--batch-policy", choices=["adaptive", "fixed"],
+                   help="adaptive (default): window and admission size follow latency")
+    p.add_argument("--batch-window-ms", type=float,
+                   help="fixed: gather window when idle; adaptive: shortest window (10)")
+    p.add_argument("--window-max-ms", type=float, help="adaptive: longest window (100)")
+    p.add_argument("--ttft-target-ms", type=float, help="adaptive: TTFT p95 target (1000)")
+    p.add_argument("--itl-target-ms", type=float, help="adaptive: inter-token p95 target (100)")
     p.add_argument("--max-inflight", type=int, help="most requests held before pausing (256)")
     p.add_argument("--max-new-tokens-cap", type=int, help="cap on max_new_tokens (1024)")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float,
@@ -50,6 +56,7 @@ def _main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose, args.log_format)
     overrides = {k: getattr(args, k) for k in (
         "model", "device", "group_id", "max_batch_size", "max_batch_tokens", "batch_window_ms",
+        "batch_policy", "window_max_ms", "ttft_target_ms", "itl_target_ms",
         "max_inflight", "max_new_tokens_cap", "drain_timeout_s", "metrics_port",
         "metrics_address", "max_prompt_tokens", "allow_unsafe_weights",
         "reply_topic_pattern")}

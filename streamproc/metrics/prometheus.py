@@ -49,6 +49,7 @@ class LiveGauges:
     inflight_tokens: int
     kv_cache_tokens: int
     batch_window_s: float
+    admission_size: int
     paused_partitions: int
     gpu_memory_bytes: dict[str, int]
 
@@ -77,6 +78,11 @@ class WorkerCollector(Collector):
         yield outcomes
         yield CounterMetricFamily("streamproc_generated_tokens", "Tokens generated.",
                                   value=self._stats.tokens_generated)
+        changes = CounterMetricFamily("streamproc_window_adjustments",
+                                      "Adaptive-window decisions, by reason.", labels=["reason"])
+        for reason, count in sorted(self._stats.window_changes.items()):
+            changes.add_metric([reason], count)
+        yield changes
         yield GaugeMetricFamily("streamproc_tokens_per_second",
                                 "Generated tokens per second of busy engine time.",
                                 value=self._stats.rate.tokens_per_s)
@@ -91,6 +97,7 @@ class WorkerCollector(Collector):
             ("inflight_tokens", "Prompt + max-new tokens held.", g.inflight_tokens),
             ("kv_cache_tokens", "Real tokens in the KV cache.", g.kv_cache_tokens),
             ("batch_window_seconds", "Current admission window.", g.batch_window_s),
+            ("admission_size", "Most requests admitted at once now.", g.admission_size),
             ("paused_partitions", "Partitions paused for backpressure.", g.paused_partitions),
         ]:
             yield GaugeMetricFamily(f"streamproc_{name}", doc, value=value)

@@ -90,6 +90,8 @@ class WorkerStats:
     decode_step: Histogram = field(default_factory=lambda: Histogram(STEP_BUCKETS))
     batch_sequences: Histogram = field(default_factory=lambda: Histogram(SIZE_BUCKETS))
     batch_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
+    window_changes: Counter[str] = field(default_factory=Counter)
+    """Adaptive-window decisions by reason."""
     _completion_tokens: deque[int] = field(default_factory=lambda: deque(maxlen=500))
 
     def step(self, tokens: int, busy_s: float) -> None:

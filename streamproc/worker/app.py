@@ -22,7 +22,8 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamproc import kafka, wire
-from streamproc.admission.policy import FixedWindowPolicy
+from streamproc.admission.adaptive import AdaptiveController, ControllerSettings
+from streamproc.admission.policy import AdaptivePolicy, BatchPolicy, FixedWindowPolicy
 from streamproc.channel import WaitingQueue
 from streamproc.config import WorkerConfig
 from streamproc.engine.engine import Engine
@@ -59,11 +60,11 @@ class Worker:
         self.ingest = Ingest(self._consumer, preparer, self.waiting, self.checkpoint,
                              self.budget, self._publisher, self.stats,
                              max_message_bytes=config.max_message_bytes)
-        policy = FixedWindowPolicy(config.max_batch_size, config.max_batch_tokens,
-                                   config.batch_window_ms / 1000)
+        self.controller, self.policy = _batch_policy(config)
         self.engine = Engine(loaded)
-        self.serving = ServingLoop(self.engine, self.waiting, policy, self._publisher,
-                                   self.stats)
+        self.serving = ServingLoop(self.engine, self.waiting, self.policy, self._publisher,
+                                   self.stats, controller=self.controller,
+                                   lag=lambda: self.lag.lag if self.lag else 0)
         self._device = loaded.device
         self.registry = CollectorRegistry()
         self.registry.register(WorkerCollector(self.stats, self.gauges, lambda: self.lag))
@@ -151,7 +152,7 @@ class Worker:
             running=self.serving.running, waiting=len(self.waiting),
             inflight_requests=self.budget.requests, inflight_tokens=self.budget.tokens,
             kv_cache_tokens=self.engine.kv_tokens,
-            batch_window_s=self.config.batch_window_ms / 1000,
+            batch_window_s=self.policy.window_s, admission_size=self.policy.admit_size,
             paused_partitions=self.ingest.paused_partitions, gpu_memory_bytes=gpu)
 
     async def _lag_loop(self) -> None:
@@ -196,6 +197,18 @@ class Worker:
         while True:
             await asyncio.sleep(self.config.commit_interval_s)
             await self.commit()
+
+
+def _batch_policy(config: WorkerConfig) -> tuple[AdaptiveController | None, BatchPolicy]:
+    if config.batch_policy == "fixed":
+        return None, FixedWindowPolicy(config.max_batch_size, config.max_batch_tokens,
+                                       config.batch_window_ms / 1000)
+    controller = AdaptiveController(ControllerSettings(
+        ttft_target_s=config.ttft_target_ms / 1000, itl_target_s=config.itl_target_ms / 1000,
+        window_min_s=config.batch_window_ms / 1000, window_max_s=config.window_max_ms / 1000,
+        admit_max=config.max_batch_size, lag_high=config.max_inflight))
+    return controller, AdaptivePolicy(controller, config.max_batch_size,
+                                      config.max_batch_tokens)
 
 
 class _Revoke(ConsumerRebalanceListener):  # type: ignore[misc]

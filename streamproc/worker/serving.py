@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka import TopicPartition
 
-from streamproc.admission.policy import BatchDecision, FixedWindowPolicy
+from streamproc.admission.adaptive import AdaptiveController
+from streamproc.admission.policy import BatchDecision, BatchPolicy
 from streamproc.channel import Job, WaitingQueue
 from streamproc.engine.engine import Engine
 from streamproc.engine.sequence import TokenEvent
@@ -24,10 +26,14 @@ log = logging.getLogger(__name__)
 
 
 class ServingLoop:
-    def __init__(self, engine: Engine, waiting: WaitingQueue, policy: FixedWindowPolicy,
-                 publisher: Publisher, stats: WorkerStats) -> None:
+    def __init__(self, engine: Engine, waiting: WaitingQueue, policy: BatchPolicy,
+                 publisher: Publisher, stats: WorkerStats, *,
+                 controller: AdaptiveController | None = None,
+                 lag: Callable[[], int] = lambda: 0) -> None:
         self._engine = engine
         self._stats = stats
+        self._controller = controller
+        self._lag = lag
         self._waiting = waiting
         self._policy = policy
         self._publisher = publisher
@@ -106,13 +112,26 @@ class ServingLoop:
             stats.decode_step.observe(engine.last_decode_s)
         stats.batch_sequences.observe(len(self._jobs))
         stats.batch_tokens.observe(engine.kv_tokens)
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
+        gaps, firsts = [], []
         for event in events:
             key = id(event.source)
             previous = self._last_token_at.get(key)
             if event.token_ids and previous is not None:
+                gaps.append(now - previous)
                 stats.inter_token.observe(now - previous)
+            elif event.token_ids:
+                firsts.append(wall - event.source.origin_ts)
             self._last_token_at[key] = now
+        self._feed_controller(max(gaps, default=None), firsts)
+
+    def _feed_controller(self, itl_s: float | None, ttfts_s: list[float]) -> None:
+        if self._controller is None:
+            return
+        self._controller.observe_step(itl_s, ttfts_s)
+        adjustment = self._controller.adjust(self._lag())
+        if adjustment is not None:
+            self._stats.window_changes[adjustment.reason] += 1
 
     def _decide(self) -> BatchDecision:
         return self._policy.decide(self._waiting.prompt_tokens(),
