@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -42,33 +43,49 @@ class Job:
 
 
 class WaitingQueue:
-    """Jobs read from Kafka and waiting for admission into the running batch."""
+    """Jobs read from Kafka and waiting for admission, one FIFO per priority lane.
 
-    def __init__(self) -> None:
-        self._jobs: deque[Job] = deque()
+    Rank 0 is the highest lane; :meth:`take` and :meth:`prompt_tokens` go
+    highest lane first, so a higher lane's jobs are always admitted first.
+    """
+
+    def __init__(self, lanes: int = 1) -> None:
+        self._lanes: list[deque[Job]] = [deque() for _ in range(lanes)]
         self._arrived = asyncio.Event()
 
     def __len__(self) -> int:
-        return len(self._jobs)
+        return sum(len(lane) for lane in self._lanes)
 
-    def put(self, job: Job) -> None:
-        self._jobs.append(job)
+    def by_rank(self) -> list[int]:
+        return [len(lane) for lane in self._lanes]
+
+    def put(self, job: Job, rank: int = 0) -> None:
+        self._lanes[rank].append(job)
         self._arrived.set()
 
     def take(self, count: int) -> list[Job]:
-        return [self._jobs.popleft() for _ in range(min(count, len(self._jobs)))]
+        taken: list[Job] = []
+        for lane in self._lanes:
+            while lane and len(taken) < count:
+                taken.append(lane.popleft())
+        return taken
 
     def prompt_tokens(self) -> list[int]:
-        return [len(job.prepared.prompt_ids) for job in self._jobs]
+        return [len(job.prepared.prompt_ids) for lane in self._lanes for job in lane]
 
     def oldest_wait_s(self, now: float) -> float:
-        return now - self._jobs[0].enqueued_at if self._jobs else 0.0
+        heads = [lane[0].enqueued_at for lane in self._lanes if lane]
+        return now - min(heads) if heads else 0.0
 
     def drop(self, partitions: set[TopicPartition] | None = None) -> list[Job]:
         """Remove the jobs of ``partitions`` (all when None): they go back to Kafka."""
-        dropped = [j for j in self._jobs if partitions is None or j.tp in partitions]
-        self._jobs = deque(j for j in self._jobs if j not in dropped)
-        return dropped
+        return self.remove(lambda j: partitions is None or j.tp in partitions)
+
+    def remove(self, which: Callable[[Job], bool]) -> list[Job]:
+        removed = [j for lane in self._lanes for j in lane if which(j)]
+        for i, lane in enumerate(self._lanes):
+            self._lanes[i] = deque(j for j in lane if not which(j))
+        return removed
 
     def wake(self) -> None:
         """End a pending :meth:`wait_for_arrival` early (e.g. to start draining)."""
@@ -77,7 +94,7 @@ class WaitingQueue:
     async def wait_for_arrival(self, wait_s: float | None) -> None:
         """Until a job arrives, :meth:`wake` is called, or ``wait_s`` passes."""
         self._arrived.clear()
-        if self._jobs and wait_s is None:
+        if len(self) and wait_s is None:
             return
         with suppress(TimeoutError):
             await asyncio.wait_for(self._arrived.wait(), wait_s)

@@ -20,6 +20,8 @@ from streamproc.errors import ConfigError
 Device = Literal["auto", "cpu", "cuda"]
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+DEFAULT_LANE = "streamproc.requests.default"
+"""Where jobs go unless their producer picks another lane."""
 ENV_PREFIX = "STREAMPROC_"
 
 
@@ -104,7 +106,7 @@ class KafkaSecurity:
 class TopicNames:
     """Which topics a worker reads and writes (defaults match ``topics/``)."""
 
-    requests: tuple[str, ...] = ("streamproc.requests.default",)
+    requests: tuple[str, ...] = ("streamproc.requests.high", "streamproc.requests.default")
     """Request lanes, highest priority first."""
     responses: str = "streamproc.responses"
     """Default reply topic for requests that name none."""
@@ -157,6 +159,8 @@ class WorkerConfig:
     """Upper bound on any request's ``max_new_tokens``."""
     max_inflight: int = 256
     """Most requests held by the worker (waiting + running); beyond it fetching pauses."""
+    lane_backlog: int = 32
+    """Waiting requests in a lane above which fetching from lower lanes pauses."""
     max_inflight_tokens: int = 262_144
     """Most prompt + max-new tokens held; beyond it fetching pauses (bounds KV memory)."""
     status_interval_s: float = 2.0
@@ -184,7 +188,7 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         self._check_positive("max_batch_size", "max_batch_tokens", "max_new_tokens_cap")
         self._check_positive("max_inflight", "max_message_bytes", "max_inflight_tokens",
-                             "max_prompt_tokens",
+                             "max_prompt_tokens", "lane_backlog",
                              "status_interval_s", "lag_interval_s")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be 0 (off) or a port, got {self.metrics_port}")

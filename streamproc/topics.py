@@ -32,6 +32,8 @@ class TopicSpec:
     replication_factor: int
     config: dict[str, str] = field(default_factory=dict)
     lane: str = ""
+    priority: int = 0
+    """Request lanes only: higher lanes are admitted first."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ def _parse_topic(path: Path, entry: dict[str, Any], default_rf: int) -> TopicSpe
             replication_factor=int(entry.get("replication_factor", default_rf)),
             config={str(k): str(v) for k, v in entry.get("config", {}).items()},
             lane=str(entry.get("lane", "")),
+            priority=int(entry.get("priority", 0)),
         )
     except KeyError as exc:
         raise ConfigError(f"{path}: a [[topic]] lacks {exc.args[0]!r}") from exc
@@ -86,7 +89,8 @@ def topic_names(specs: list[TopicSpec]) -> TopicNames:
             raise ConfigError(f"expected exactly one {role} topic, found {names}")
         return names[0]
 
-    lanes = tuple(s.name for s in specs if s.role == "requests")
+    ranked = sorted((s for s in specs if s.role == "requests"), key=lambda s: -s.priority)
+    lanes = tuple(s.name for s in ranked)
     if not lanes:
         raise ConfigError("no requests topic declared")
     return TopicNames(requests=lanes, responses=one("responses"), dead_letter=one("dead_letter"),

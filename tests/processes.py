@@ -17,8 +17,9 @@ def write_topics_file(directory: Path, names: TopicNames) -> Path:
     entries = [(t, "requests") for t in names.requests]
     entries += [(names.responses, "responses"), (names.dead_letter, "dead_letter"),
                 (names.status, "status")]
-    body = "".join(f'[[topic]]\nname = "{name}"\nrole = "{role}"\npartitions = 4\n\n'
-                   for name, role in entries)
+    # Lanes are written highest first, with falling priorities, to keep their order.
+    body = "".join(f'[[topic]]\nname = "{name}"\nrole = "{role}"\npartitions = 4\n'
+                   f'priority = {-i}\n\n' for i, (name, role) in enumerate(entries))
     (directory / "test.toml").write_text(body)
     return directory
 

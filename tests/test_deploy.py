@@ -114,10 +114,13 @@ def test_kubernetes_scaling_fits_the_declared_topics_and_config() -> None:
     config = docs["ConfigMap"]["data"]
     WorkerConfig.from_env(config)  # every STREAMPROC_ setting is valid
     scaler = docs["ScaledObject"]["spec"]
-    trigger = scaler["triggers"][0]["metadata"]
-    assert trigger["consumerGroup"] == config["STREAMPROC_GROUP_ID"]
     partitions = {s.name: s.partitions for s in topics.load_specs()}
-    assert scaler["maxReplicaCount"] <= partitions[trigger["topic"]]
+    lanes = {s.name for s in topics.load_specs() if s.role == "requests"}
+    triggers = [t["metadata"] for t in scaler["triggers"]]
+    assert {t["topic"] for t in triggers} == lanes  # every lane's lag scales workers
+    for trigger in triggers:
+        assert trigger["consumerGroup"] == config["STREAMPROC_GROUP_ID"]
+        assert scaler["maxReplicaCount"] <= partitions[trigger["topic"]]
     assert scaler["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
     container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     build_parser().parse_args(container["args"])

@@ -18,7 +18,7 @@ def fresh_specs() -> list[topics.TopicSpec]:
 
 def test_the_declarations_name_every_role() -> None:
     names = topics.topic_names(topics.load_specs())
-    assert names.requests == ("streamproc.requests.default",)
+    assert names.requests == ("streamproc.requests.high", "streamproc.requests.default")
     assert names.responses == "streamproc.responses"
     assert names.dead_letter == "streamproc.dead-letter"
     assert names.status == "streamproc.status"

@@ -13,7 +13,7 @@ import msgspec
 from streamproc import wire
 from streamproc.cli.common import add_bootstrap, bootstrap, run, security
 from streamproc.client import Result, ResultStream, StreamprocClient
-from streamproc.config import TopicNames
+from streamproc.config import DEFAULT_LANE, TopicNames
 from streamproc.errors import GenerationError
 from streamproc.flow.admission import AdmissionPolicy
 
@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--request-topic", default=_DEFAULTS.requests[0])
+    p.add_argument("--request-topic", default=DEFAULT_LANE,
+                   help=f"the lane (default {DEFAULT_LANE}; streamproc.requests.high goes first)")
     p.add_argument("--reply-topic", default=_DEFAULTS.responses)
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="give up after SECONDS (600)")

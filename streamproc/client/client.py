@@ -24,7 +24,7 @@ from aiokafka.errors import KafkaError
 
 from streamproc import kafka, wire
 from streamproc.client.admission import AdmissionGate
-from streamproc.config import KafkaSecurity, TopicNames
+from streamproc.config import DEFAULT_LANE, KafkaSecurity, TopicNames
 from streamproc.errors import GenerationError
 from streamproc.flow.admission import AdmissionPolicy
 
@@ -118,7 +118,7 @@ class ResultStream:
 class StreamprocClient:
     """``async with StreamprocClient(bootstrap) as client: stream = await client.submit(...)``"""
 
-    def __init__(self, bootstrap: str, *, request_topic: str = _DEFAULTS.requests[0],
+    def __init__(self, bootstrap: str, *, request_topic: str = DEFAULT_LANE,
                  reply_topic: str = _DEFAULTS.responses,
                  admission: AdmissionPolicy | None = None,
                  group_id: str = "streamproc-workers",
@@ -182,9 +182,10 @@ class StreamprocClient:
 
     async def submit(self, prompt: str | list[wire.ChatMessage], *,
                      params: wire.GenerationParams | None = None, priority: int = 0,
-                     deadline: float | None = None,
-                     request_id: str | None = None) -> ResultStream:
-        """Publish one job; returns its stream at once (tokens follow as generated).
+                     deadline: float | None = None, request_id: str | None = None,
+                     lane: str | None = None) -> ResultStream:
+        """Publish one job to ``lane`` (default: the client's request topic); returns its
+        stream at once (tokens follow as generated).
 
         With an admission policy this may first wait, or raise
         :class:`~streamproc.errors.OverloadedError`. A job the broker does not accept
@@ -199,7 +200,7 @@ class StreamprocClient:
             request_id=rid, prompt=prompt, params=params or wire.GenerationParams(),
             priority=priority, deadline=deadline, reply_topic=self.reply_topic,
             submitted_at=stream.submitted_at)
-        delivery = await self._producer.send(self.request_topic, wire.encode(request),
+        delivery = await self._producer.send(lane or self.request_topic, wire.encode(request),
                                              key=rid.encode())
         delivery.add_done_callback(lambda done: self._delivered(stream, done))
         return stream

@@ -19,6 +19,7 @@ from streamproc.engine.sequence import PreparedRequest, unserved_event
 from streamproc.errors import RequestError
 from streamproc.flow.budget import InflightBudget
 from streamproc.flow.checkpoint import Checkpoint
+from streamproc.flow.priority import lanes_to_pause
 from streamproc.flow.shedding import cannot_meet_deadline
 from streamproc.ingest.decode import Undecodable, decode_request
 from streamproc.ingest.prepare import Preparer
@@ -33,7 +34,8 @@ POLL_TIMEOUT_MS = 200
 class Ingest:
     def __init__(self, consumer: AIOKafkaConsumer, preparer: Preparer, waiting: WaitingQueue,
                  checkpoint: Checkpoint, budget: InflightBudget, publisher: Publisher,
-                 stats: WorkerStats, *, max_message_bytes: int) -> None:
+                 stats: WorkerStats, *, lanes: tuple[str, ...], lane_backlog: int,
+                 max_message_bytes: int) -> None:
         self._consumer = consumer
         self._preparer = preparer
         self._waiting = waiting
@@ -42,6 +44,8 @@ class Ingest:
         self._publisher = publisher
         self._stats = stats
         self._max_bytes = max_message_bytes
+        self._lanes = lanes
+        self._lane_backlog = lane_backlog
         self.paused = False
         self.paused_partitions = 0
         """Read by the metrics thread: a plain int, updated on the event loop."""
@@ -50,23 +54,60 @@ class Ingest:
         """Fetch until cancelled."""
         while True:
             self._apply_gate()
-            fetched = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS,
-                                                   max_records=self._budget.room())
+            fetched = await self._fetch(self._budget.room())
             for tp, records in fetched.items():
                 for record in records:
                     await self._route(tp, record)
 
+    async def _fetch(self, room: int) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """Up to ``room`` records, taken lane by lane, highest first.
+
+        A plain ``getmany`` drains its buffer partition by partition, so a full
+        buffer of a low lane could starve a higher one. Buffered records are taken
+        lane by lane without waiting; when there are none, one record is awaited
+        (from any lane) and the rest of the room is again filled lane by lane.
+        """
+        fetched = await self._by_lane(room)
+        if fetched or room <= 0:
+            return fetched
+        first = dict(await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=1))
+        if not first:
+            return first
+        for tp, records in (await self._by_lane(room - 1)).items():
+            first[tp] = first.get(tp, []) + records
+        return first
+
+    async def _by_lane(self, room: int) -> dict[TopicPartition, list[ConsumerRecord]]:
+        fetched: dict[TopicPartition, list[ConsumerRecord]] = {}
+        assigned = self._consumer.assignment()
+        for lane in self._lanes:
+            left = room - sum(len(r) for r in fetched.values())
+            partitions = [tp for tp in assigned if tp.topic == lane]
+            if left <= 0 or not partitions:
+                continue
+            fetched.update(await self._consumer.getmany(*partitions, timeout_ms=0,
+                                                        max_records=left))
+        return fetched
+
     def _apply_gate(self) -> None:
+        """Pause everything when full; else pause lanes below one with a backlog."""
         gate = self._budget.gate(self.paused)
-        if gate == "pause":
-            self.paused = True
-        elif gate == "resume":
-            self._consumer.resume(*self._consumer.assignment())
-            self.paused = False
+        if gate != "hold":
+            self.paused = gate == "pause"
+        assigned = self._consumer.assignment()
         if self.paused:
-            # Also re-pauses partitions a rebalance assigned since: they start unpaused.
-            self._consumer.pause(*self._consumer.assignment())
-        self.paused_partitions = len(self._consumer.assignment()) if self.paused else 0
+            wanted = set(assigned)
+        else:
+            ranks = lanes_to_pause(self._waiting.by_rank(), self._lane_backlog)
+            lanes = {self._lanes[rank] for rank in ranks}
+            wanted = {tp for tp in assigned if tp.topic in lanes}
+        # Compared with what is paused now: a rebalance hands partitions over unpaused.
+        current = self._consumer.paused()
+        if wanted - current:
+            self._consumer.pause(*(wanted - current))
+        if current - wanted:
+            self._consumer.resume(*(current - wanted))
+        self.paused_partitions = len(wanted)
 
     async def _route(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         self._checkpoint.track(tp, record.offset)
@@ -90,7 +131,7 @@ class Ingest:
             return
         self._budget.acquire(job.key, len(prepared.prompt_ids) + prepared.max_new_tokens,
                              prepared.max_new_tokens)
-        self._waiting.put(job)
+        self._waiting.put(job, self._lanes.index(tp.topic))
 
     def _overloaded_for(self, prepared: PreparedRequest) -> bool:
         return cannot_meet_deadline(time.time(), prepared.request.deadline, self._budget.work,

@@ -48,7 +48,7 @@ class Worker:
         self.checkpoint = Checkpoint()
         self.budget = InflightBudget(config.max_inflight, config.max_inflight_tokens)
         self.stats = WorkerStats()
-        self.waiting = WaitingQueue()
+        self.waiting = WaitingQueue(len(config.topics.requests))
         self._producer = kafka.producer(config.bootstrap, config.security)
         self._consumer = kafka.consumer(config.bootstrap, security=config.security,
                                         group_id=config.group_id,
@@ -59,6 +59,7 @@ class Worker:
                             max_prompt_tokens=config.max_prompt_tokens)
         self.ingest = Ingest(self._consumer, preparer, self.waiting, self.checkpoint,
                              self.budget, self._publisher, self.stats,
+                             lanes=config.topics.requests, lane_backlog=config.lane_backlog,
                              max_message_bytes=config.max_message_bytes)
         self.controller, self.policy = _batch_policy(config)
         self.engine = Engine(loaded)
