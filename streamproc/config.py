@@ -114,13 +114,16 @@ class TopicNames:
     """Where undecodable messages go, with the reason and original bytes."""
     status: str = "streamproc.status"
     """Where workers report throughput and load, for lag estimates and producers."""
+    control: str = "streamproc.control"
+    """Where cancellations go; every worker reads all of it."""
     allowed_reply_topics: tuple[str, ...] = ()
     """Extra reply topics a request may name; ``responses`` is always allowed."""
     allowed_reply_pattern: str = ""
     """A regular expression reply topics may also fully match (empty: none)."""
 
     def reply_allowed(self, topic: str) -> bool:
-        if topic.startswith("__") or topic in (self.dead_letter, self.status, *self.requests):
+        if topic.startswith("__") or topic in (self.dead_letter, self.status, self.control,
+                                               *self.requests):
             return False  # never Kafka's internal topics or streamproc's own
         if topic == self.responses or topic in self.allowed_reply_topics:
             return True

@@ -20,8 +20,8 @@ from streamproc import kafka
 from streamproc.config import KafkaSecurity, TopicNames
 from streamproc.errors import ConfigError
 
-Role = Literal["requests", "responses", "dead_letter", "status"]
-_ROLES = ("requests", "responses", "dead_letter", "status")
+Role = Literal["requests", "responses", "dead_letter", "status", "control"]
+_ROLES = ("requests", "responses", "dead_letter", "status", "control")
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def topic_names(specs: list[TopicSpec]) -> TopicNames:
     if not lanes:
         raise ConfigError("no requests topic declared")
     return TopicNames(requests=lanes, responses=one("responses"), dead_letter=one("dead_letter"),
-                      status=one("status"))
+                      status=one("status"), control=one("control"))
 
 
 async def apply(bootstrap: str, specs: list[TopicSpec], replication_factor: int | None = None,

@@ -40,6 +40,8 @@ class GenerationParams(msgspec.Struct, frozen=True, omit_defaults=True):
     top_p: float = 1.0
     stop: list[str] = msgspec.field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False
+    """Generate exactly ``max_new_tokens`` (benchmarks, fixed-length outputs)."""
 
 
 class GenerationRequest(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -116,6 +118,13 @@ class ErrorMessage(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
 ResponseMessage = TokenChunk | FinalMessage | ErrorMessage
 
 
+class CancelRequest(msgspec.Struct, frozen=True):
+    """On the control topic, keyed by ``request_id``: stop that request at the next step."""
+
+    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    at: float = msgspec.field(default_factory=time.time)
+
+
 class WorkerStatus(msgspec.Struct, frozen=True):
     """What each worker reports about itself on the status topic, keyed by ``worker_id``."""
 
@@ -148,6 +157,7 @@ envelope_decoder = msgspec.json.Decoder(RequestEnvelope)
 response_decoder = msgspec.json.Decoder(ResponseMessage)
 dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
 status_decoder = msgspec.json.Decoder(WorkerStatus)
+cancel_decoder = msgspec.json.Decoder(CancelRequest)
 _encoder = msgspec.json.Encoder()
 
 
@@ -168,4 +178,5 @@ def json_schemas() -> dict[str, dict[str, object]]:
         "response": msgspec.json.schema(ResponseMessage),
         "dead_letter": msgspec.json.schema(DeadLetter),
         "status": msgspec.json.schema(WorkerStatus),
+        "cancel": msgspec.json.schema(CancelRequest),
     }

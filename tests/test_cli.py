@@ -14,7 +14,7 @@ from streamproc.worker.app import Worker
 from .helpers import run_cli
 
 COMMANDS = [["worker"], ["submit"], ["topics"], ["topics", "apply"], ["local-kafka"],
-            ["make-tiny-model"], ["schema"], ["demo"]]
+            ["make-tiny-model"], ["schema"], ["demo"], ["lag"], ["cancel"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

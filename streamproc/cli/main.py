@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     worker_cmd.register(sub)
     submit_cmd.register(sub)
+    submit_cmd.register_cancel(sub)
     lag_cmd.register(sub)
     broker_cmds.register(sub)
     demo_cmd.register(sub)

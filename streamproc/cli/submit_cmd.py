@@ -53,6 +53,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_main)
 
 
+def register_cancel(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("cancel", help="cancel requests by id",
+                       description="Publish a cancellation for each REQUEST_ID on the control "
+                       "topic; the request ends with a final 'cancelled' message.")
+    p.add_argument("request_ids", nargs="+", metavar="REQUEST_ID")
+    p.add_argument("--control-topic", default=_DEFAULTS.control)
+    add_bootstrap(p)
+    p.set_defaults(handler=_cancel)
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    async def send() -> None:
+        async with StreamprocClient(bootstrap(args), control_topic=args.control_topic,
+                                    security=security()) as client:
+            for request_id in args.request_ids:
+                await client.cancel(request_id)
+                print(f"cancel sent for {request_id}")
+    run(send())
+    return 0
+
+
 def _main(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     if not prompts:

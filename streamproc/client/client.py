@@ -123,12 +123,14 @@ class StreamprocClient:
                  admission: AdmissionPolicy | None = None,
                  group_id: str = "streamproc-workers",
                  status_topic: str = _DEFAULTS.status,
+                 control_topic: str = _DEFAULTS.control,
                  security: KafkaSecurity | None = None) -> None:
         """``admission``: check the lane's lag before each submit (None: never check).
         ``group_id`` and ``status_topic`` say whose lag and throughput to look at.
         ``security``: SASL/TLS settings (default plaintext); see ``KafkaSecurity``."""
         self.request_topic = request_topic
         self.reply_topic = reply_topic
+        self.control_topic = control_topic
         self._gate = None if admission is None else AdmissionGate(
             bootstrap, group_id, request_topic, status_topic, admission, security=security)
         self._producer = kafka.producer(bootstrap, security)
@@ -211,6 +213,13 @@ class StreamprocClient:
         self._streams.pop(stream.request_id, None)
         stream.deliver(wire.ErrorMessage(stream.request_id, stream.next_seq, "publish_failed",
                                          str(delivery.exception()), retriable=True))
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask every worker to stop ``request_id``: it ends with a final ``cancelled``
+        (at the next step if running, at once if waiting or not yet read)."""
+        await self._producer.send_and_wait(self.control_topic,
+                                           wire.encode(wire.CancelRequest(request_id)),
+                                           key=request_id.encode())
 
     async def generate(self, prompt: str | list[wire.ChatMessage], *,
                        params: wire.GenerationParams | None = None, priority: int = 0,

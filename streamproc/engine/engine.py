@@ -43,16 +43,18 @@ class Engine:
         self._running = []
         self._batch = None
 
-    def step(self, admitted: list[PreparedRequest],
-             abandon: frozenset[int] = frozenset()) -> list[TokenEvent]:
-        """One iteration: drop ``abandon`` (ids of admitted requests, no events), decode
-        the running batch, then prefill ``admitted``."""
-        if abandon:
+    def step(self, admitted: list[PreparedRequest], abandon: frozenset[int] = frozenset(),
+             cancel: frozenset[int] = frozenset()) -> list[TokenEvent]:
+        """One iteration: drop ``abandon`` (ids of admitted requests, no events), end
+        ``cancel`` (a final ``cancelled`` event each), decode the running batch, then
+        prefill ``admitted``."""
+        now = time.time()
+        events = [s.cancel(now) for s in self._running if id(s.prepared) in cancel]
+        if abandon or cancel:
             for seq in self._running:
                 seq.finished = seq.finished or id(seq.prepared) in abandon
             self._retire()
-        now = time.time()
-        events = [unserved_event(p, now, "expired") for p in admitted if _past_deadline(p, now)]
+        events += [unserved_event(p, now, "expired") for p in admitted if _past_deadline(p, now)]
         fresh = [p for p in admitted if not _past_deadline(p, now)]
         self.last_prefill_s = self.last_decode_s = 0.0
         with torch.inference_mode():

@@ -98,7 +98,7 @@ class Sequence:
         if self.first_token_at is None:
             self.first_token_at = now
         reason: FinishReason | None = None
-        if token in self.eos_ids:
+        if token in self.eos_ids and not self.prepared.request.params.ignore_eos:
             reason, text = "stop", self._drain(self.detokenizer.flush())
         else:
             text, hit = self.stop.feed(self.detokenizer.push(token))
@@ -111,6 +111,10 @@ class Sequence:
     def expire(self, now: float) -> TokenEvent:
         """End early because the deadline passed mid-generation."""
         return self._finish_event([], self._drain(""), "expired", now)
+
+    def cancel(self, now: float) -> TokenEvent:
+        """End early because the producer cancelled the request."""
+        return self._finish_event([], self._drain(""), "cancelled", now)
 
     def _drain(self, tail: str) -> str:
         text, hit = self.stop.feed(tail)

@@ -21,11 +21,13 @@ from streamproc.flow.budget import InflightBudget
 from streamproc.flow.checkpoint import Checkpoint
 from streamproc.flow.priority import lanes_to_pause
 from streamproc.flow.shedding import cannot_meet_deadline
+from streamproc.ingest.control import CancelledIds
 from streamproc.ingest.decode import Undecodable, decode_request
 from streamproc.ingest.prepare import Preparer
 from streamproc.logs import record_context
 from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import Publisher
+from streamproc.wire import FinishReason
 
 log = logging.getLogger(__name__)
 POLL_TIMEOUT_MS = 200
@@ -35,7 +37,7 @@ class Ingest:
     def __init__(self, consumer: AIOKafkaConsumer, preparer: Preparer, waiting: WaitingQueue,
                  checkpoint: Checkpoint, budget: InflightBudget, publisher: Publisher,
                  stats: WorkerStats, *, lanes: tuple[str, ...], lane_backlog: int,
-                 max_message_bytes: int) -> None:
+                 cancelled: CancelledIds, max_message_bytes: int) -> None:
         self._consumer = consumer
         self._preparer = preparer
         self._waiting = waiting
@@ -46,6 +48,7 @@ class Ingest:
         self._max_bytes = max_message_bytes
         self._lanes = lanes
         self._lane_backlog = lane_backlog
+        self._cancelled = cancelled
         self.paused = False
         self.paused_partitions = 0
         """Read by the metrics thread: a plain int, updated on the event loop."""
@@ -123,15 +126,22 @@ class Ingest:
             return
         self._stats.kafka_wait.observe(max(0.0, time.time() - prepared.origin_ts))
         job = Job(prepared, tp, record.offset, self._preparer.reply_topic(request))
+        if request.request_id in self._cancelled:  # cancelled before it was read
+            await self._answer(job, "cancelled")
+            return
         if self._overloaded_for(prepared):
-            event = unserved_event(prepared, time.time(), "rejected", "overloaded")
-            assert event.outcome is not None
-            self._stats.finished(event.outcome)
-            await self._publisher.publish(job, event)
+            await self._answer(job, "rejected", "overloaded")
             return
         self._budget.acquire(job.key, len(prepared.prompt_ids) + prepared.max_new_tokens,
                              prepared.max_new_tokens)
         self._waiting.put(job, self._lanes.index(tp.topic))
+
+    async def _answer(self, job: Job, reason: FinishReason, detail: str = "") -> None:
+        """End ``job`` at once, without compute."""
+        event = unserved_event(job.prepared, time.time(), reason, detail)
+        assert event.outcome is not None
+        self._stats.finished(event.outcome)
+        await self._publisher.publish(job, event)
 
     def _overloaded_for(self, prepared: PreparedRequest) -> bool:
         return cannot_meet_deadline(time.time(), prepared.request.deadline, self._budget.work,

@@ -24,14 +24,16 @@ from prometheus_client import CollectorRegistry
 from streamproc import kafka, wire
 from streamproc.admission.adaptive import AdaptiveController, ControllerSettings
 from streamproc.admission.policy import AdaptivePolicy, BatchPolicy, FixedWindowPolicy
-from streamproc.channel import WaitingQueue
+from streamproc.channel import Job, WaitingQueue
 from streamproc.config import WorkerConfig
 from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel, load_tokenizer
+from streamproc.engine.sequence import unserved_event
 from streamproc.flow.budget import InflightBudget
 from streamproc.flow.checkpoint import Checkpoint
 from streamproc.flow.monitor import LagMonitor, LagReport
 from streamproc.ingest.consumer import Ingest
+from streamproc.ingest.control import CancelledIds, ControlListener
 from streamproc.ingest.prepare import Preparer
 from streamproc.metrics.prometheus import LiveGauges, WorkerCollector, serve
 from streamproc.metrics.stats import WorkerStats
@@ -49,6 +51,7 @@ class Worker:
         self.budget = InflightBudget(config.max_inflight, config.max_inflight_tokens)
         self.stats = WorkerStats()
         self.waiting = WaitingQueue(len(config.topics.requests))
+        self.cancelled = CancelledIds()
         self._producer = kafka.producer(config.bootstrap, config.security)
         self._consumer = kafka.consumer(config.bootstrap, security=config.security,
                                         group_id=config.group_id,
@@ -60,6 +63,7 @@ class Worker:
         self.ingest = Ingest(self._consumer, preparer, self.waiting, self.checkpoint,
                              self.budget, self._publisher, self.stats,
                              lanes=config.topics.requests, lane_backlog=config.lane_backlog,
+                             cancelled=self.cancelled,
                              max_message_bytes=config.max_message_bytes)
         self.controller, self.policy = _batch_policy(config)
         self.engine = Engine(loaded)
@@ -67,16 +71,22 @@ class Worker:
                                    self.stats, controller=self.controller,
                                    lag=lambda: self.lag.lag if self.lag else 0)
         self._device = loaded.device
+        self._control = ControlListener(
+            kafka.consumer(config.bootstrap, security=config.security, group_id=None),
+            config.topics.control, self.cancel)
         self.registry = CollectorRegistry()
         self.registry.register(WorkerCollector(self.stats, self.gauges, lambda: self.lag))
         self.lag: LagReport | None = None
         self._metrics_server: Any = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._answers: set[asyncio.Task[None]] = set()
         self._stopped = False
 
     async def start(self) -> None:
         await self._producer.start()
         await self._consumer.start()
+        control = self.config.topics.control
+        await self._control.start(await self._producer.partitions_for(control))
         self._consumer.subscribe(list(self.config.topics.requests), listener=_Revoke(self))
         self._tasks = {
             "ingest": asyncio.create_task(self.ingest.run(), name="ingest"),
@@ -84,6 +94,7 @@ class Worker:
             "commit": asyncio.create_task(self._commit_loop(), name="commit"),
             "status": asyncio.create_task(self._status_loop(), name="status"),
             "lag": asyncio.create_task(self._lag_loop(), name="lag"),
+            "control": asyncio.create_task(self._control.run(), name="control"),
         }
         if self.config.metrics_port:
             self._metrics_server = serve(self.registry, self.config.metrics_address,
@@ -105,6 +116,7 @@ class Worker:
             return
         self._stopped = True
         await _cancel(self._tasks.pop("ingest", None))
+        await _cancel(self._tasks.pop("control", None))
         handed_back = self.waiting.drop()
         log.info("stopping: %d waiting requests handed back, %d running to drain",
                  len(handed_back), self.serving.running)
@@ -120,6 +132,7 @@ class Worker:
         await self.commit()
         self.serving.close()
         await self._consumer.stop()
+        await self._control.stop()
         await self._producer.stop()
         log.info("worker stopped")
 
@@ -134,6 +147,24 @@ class Worker:
             log.warning("commit of %d partitions failed: %s", len(offsets), exc)
             return
         self.checkpoint.committed(offsets)
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel ``request_id`` wherever it is here: waiting, running, or not read yet."""
+        self.cancelled.add(request_id)
+        for job in self.waiting.remove(lambda j: j.request_id == request_id):
+            task = asyncio.create_task(self.answer_cancelled(job))
+            self._answers.add(task)
+            task.add_done_callback(self._answers.discard)
+        running = self.serving.cancel(request_id)
+        log.info("cancel %s: %d running", request_id, running,
+                 extra={"request_id": request_id})
+
+    async def answer_cancelled(self, job: Job) -> None:
+        """A final ``cancelled`` for a job that never ran."""
+        event = unserved_event(job.prepared, time.time(), "cancelled")
+        assert event.outcome is not None
+        self.stats.finished(event.outcome)
+        await self._publisher.publish(job, event)
 
     def status(self) -> wire.WorkerStatus:
         return wire.WorkerStatus(

@@ -41,6 +41,7 @@ class ServingLoop:
         self._jobs: dict[int, Job] = {}
         self._last_token_at: dict[int, float] = {}
         self._abandoned: set[int] = set()
+        self._cancelled: set[int] = set()
         self._draining = False
         self._idle = asyncio.Event()
 
@@ -78,13 +79,19 @@ class ServingLoop:
         self._abandoned.update(keys)
         return len(keys)
 
+    def cancel(self, request_id: str) -> int:
+        """End the running jobs of ``request_id`` at the next step, with a final message."""
+        keys = [k for k, job in self._jobs.items() if job.request_id == request_id]
+        self._cancelled.update(keys)
+        return len(keys)
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def _iterate(self) -> None:
         decision = self._decide()
         admitted = [] if self._draining else self._waiting.take(decision.admit)
-        if not admitted and not self._jobs and not self._abandoned:
+        if not admitted and not self._jobs and not self._abandoned and not self._cancelled:
             if not self._draining:
                 await self._waiting.wait_for_arrival(decision.wait_s)
             return
@@ -94,9 +101,11 @@ class ServingLoop:
             self._stats.engine_queue.observe(started - job.enqueued_at)
         loop = asyncio.get_running_loop()
         abandon, self._abandoned = frozenset(self._abandoned), set()
+        cancel, self._cancelled = frozenset(self._cancelled), set()
         try:
             events = await loop.run_in_executor(
-                self._executor, self._engine.step, [j.prepared for j in admitted], abandon)
+                self._executor, self._engine.step, [j.prepared for j in admitted], abandon,
+                cancel)
         except Exception as exc:
             await self._fail_running(exc)
             return
