@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # TORCH_SPEC="torch==2.13.0+cu126" with your index configured in pip.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck unit schema clean
+.PHONY: demo test bench lint typecheck unit schema clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed (set PYTHON=...)")'
@@ -21,6 +21,10 @@ $(BIN)/.installed: pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/streamproc demo
+
+# Naive worker, fixed-window batcher and streamproc on one trace; under 10 minutes here.
+bench: $(BIN)/.installed
+	$(BIN)/streamproc bench --json bench-report.json --png bench-report.png
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check streamproc tests

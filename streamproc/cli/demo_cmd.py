@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     with ExitStack() as cleanup:
-        address = args.bootstrap or bootstrap_from_env() or _local_broker(cleanup)
-        model = args.model or ("" if args.no_worker else _tiny_model())
+        address = args.bootstrap or bootstrap_from_env() or local_broker(cleanup)
+        model = args.model or ("" if args.no_worker else tiny_model())
         _say("applying topics")
         run(topics.apply(address, topics.load_specs(), security=security()))
         worker = None if args.no_worker else _start_worker(address, model, cleanup)
@@ -69,7 +69,7 @@ def _say(message: str) -> None:
     print(f"demo: {message}", file=sys.stderr, flush=True)
 
 
-def _local_broker(cleanup: ExitStack) -> str:
+def local_broker(cleanup: ExitStack) -> str:
     state_dir = localkafka.cache_dir() / "local-kafka" / "demo"
     _say("starting a local Kafka broker")
     state = localkafka.start(state_dir, progress=_say)
@@ -83,7 +83,7 @@ def _stop_broker(state_dir: Path) -> None:
     localkafka.stop(state_dir)
 
 
-def _tiny_model() -> str:
+def tiny_model() -> str:
     directory = localkafka.cache_dir() / "tiny-model"
     if not (directory / "config.json").exists():
         _say(f"building a tiny random-weight model in {directory}")

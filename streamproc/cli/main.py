@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from streamproc.cli import broker_cmds, demo_cmd, lag_cmd, submit_cmd, worker_cmd
+from streamproc.cli import bench_cmd, broker_cmds, demo_cmd, lag_cmd, submit_cmd, worker_cmd
 from streamproc.errors import OverloadedError, StreamprocError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     lag_cmd.register(sub)
     broker_cmds.register(sub)
     demo_cmd.register(sub)
+    bench_cmd.register(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""``streamproc bench``: the same recorded trace through real Kafka against each peer."""

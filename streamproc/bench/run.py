@@ -1,0 +1,204 @@
+"""Replaying one trace through real Kafka against every peer, in one run.
+
+Each peer gets fresh topics and the same trace; the client measures every
+request on its own clock. The offline ceiling runs ``generate()`` with no Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from streamproc import topics, wire
+from streamproc.bench.measure import Observation, summarize
+from streamproc.bench.peers import GeneratePeer, offline_ceiling
+from streamproc.bench.trace import Arrival, TraceSettings, build
+from streamproc.client import ResultStream, StreamprocClient
+from streamproc.config import TopicNames, WorkerConfig
+from streamproc.engine.loader import LoadedModel
+from streamproc.worker.app import Worker
+
+Progress = Callable[[str], None]
+PEERS = ("naive", "fixed_window", "streamproc")
+
+
+class Peer(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    trace: TraceSettings = field(default_factory=TraceSettings)
+    ttft_target_s: float = 1.0
+    itl_target_s: float = 0.1
+    fixed_window_s: float = 0.010
+    fixed_batch: int = 32
+    drain_timeout_s: float = 180.0
+
+
+async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,
+                    settings: BenchSettings, progress: Progress) -> dict[str, Any]:
+    trace = build(settings.trace)
+    progress(f"trace: {len(trace)} requests, {settings.trace.max_new_tokens} tokens each")
+    runs: dict[str, Any] = {}
+    observations: dict[str, list[Observation]] = {}
+    for name in PEERS:
+        names = await _fresh_topics(bootstrap)
+        peer = _make_peer(name, bootstrap, names, loaded, model_dir, settings)
+        observations[name] = await _replay(name, peer, bootstrap, names, trace, settings,
+                                           progress)
+        runs[name] = _summaries(observations[name], settings)
+    progress("offline ceiling: generate() alone at several batch sizes")
+    rates = await asyncio.to_thread(offline_ceiling, loaded, [a.prompt for a in trace[:64]],
+                                    settings.trace.max_new_tokens)
+    runs["offline_ceiling"] = _ceiling_run(rates)
+    return {"runs": runs, "targets": _targets(runs, settings),
+            "settings": {"trace": settings.trace.__dict__, "ttft_target_ms":
+                         settings.ttft_target_s * 1000, "itl_target_ms":
+                         settings.itl_target_s * 1000},
+            "timelines": {n: _timeline(o) for n, o in observations.items()}}
+
+
+def _make_peer(name: str, bootstrap: str, names: TopicNames, loaded: LoadedModel,
+               model_dir: str, settings: BenchSettings) -> Peer:
+    group = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+    if name == "naive":
+        return GeneratePeer(bootstrap, names, loaded, group, batch_size=1, window_s=0.0)
+    if name == "fixed_window":
+        return GeneratePeer(bootstrap, names, loaded, group, batch_size=settings.fixed_batch,
+                            window_s=settings.fixed_window_s)
+    config = WorkerConfig(bootstrap=bootstrap, topics=names, model=model_dir, group_id=group,
+                          ttft_target_ms=settings.ttft_target_s * 1000,
+                          itl_target_ms=settings.itl_target_s * 1000, max_batch_size=64,
+                          max_inflight=512)
+    return Worker(config, loaded)
+
+
+async def _fresh_topics(bootstrap: str) -> TopicNames:
+    suffix = uuid.uuid4().hex[:8]
+    specs = [replace(s, name=f"{s.name}.bench-{suffix}", replication_factor=1)
+             for s in topics.load_specs()]
+    await topics.apply(bootstrap, specs)
+    return topics.topic_names(specs)
+
+
+async def _replay(name: str, peer: Peer, bootstrap: str, names: TopicNames,
+                  trace: list[Arrival], settings: BenchSettings,
+                  progress: Progress) -> list[Observation]:
+    await peer.start()
+    lane = names.requests[-1]
+    try:
+        async with StreamprocClient(bootstrap, request_topic=lane,
+                                    reply_topic=names.responses) as client:
+            progress(f"[{name}] replaying {len(trace)} requests")
+            started = time.monotonic()
+            observations, followers = await _submit_on_schedule(client, trace)
+            await asyncio.wait(followers, timeout=settings.drain_timeout_s)
+            finished = sum(o.finished is not None for o in observations)
+            progress(f"[{name}] {finished}/{len(trace)} completed in "
+                     f"{time.monotonic() - started:.1f}s")
+            for follower in followers:
+                follower.cancel()
+            return observations
+    finally:
+        await peer.stop()
+
+
+async def _submit_on_schedule(client: StreamprocClient, trace: list[Arrival]
+                              ) -> tuple[list[Observation], list[asyncio.Task[None]]]:
+    """Submit each arrival at its time; each follower fills its observation in place,
+    so a request that never finishes still counts (as lost)."""
+    start = time.monotonic()
+    observations: list[Observation] = []
+    followers: list[asyncio.Task[None]] = []
+    params_by_tokens: dict[int, wire.GenerationParams] = {}
+    for arrival in trace:
+        delay = start + arrival.at_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        params = params_by_tokens.setdefault(arrival.max_new_tokens, wire.GenerationParams(
+            max_new_tokens=arrival.max_new_tokens, ignore_eos=True))
+        observation = Observation(arrival.phase, time.time())
+        stream = await client.submit(arrival.prompt, params=params)
+        observations.append(observation)
+        followers.append(asyncio.create_task(_follow(stream, observation)))
+    return observations, followers
+
+
+async def _follow(stream: ResultStream, observation: Observation) -> None:
+    last: float | None = None
+    async for chunk in stream:
+        now = time.time()
+        if last is None:
+            observation.first_token = now
+        elif chunk.token_ids:
+            observation.gaps += [(now - last) / len(chunk.token_ids)] * len(chunk.token_ids)
+        last = now
+        observation.tokens += len(chunk.token_ids)
+    observation.finished = time.time()
+
+
+def _summaries(observations: list[Observation], settings: BenchSettings) -> dict[str, Any]:
+    def by(phases: Callable[[str], bool]) -> dict[str, Any]:
+        return summarize([o for o in observations if phases(o.phase)], settings.ttft_target_s,
+                         settings.itl_target_s)
+    run = by(lambda p: True)
+    run["steady"] = by(lambda p: p.startswith("steady"))
+    run["burst"] = by(lambda p: p == "burst")
+    run["saturation"] = by(lambda p: p == "saturation")
+    run["saturated_tokens_per_s"] = run["saturation"]["tokens_per_s"]
+    run["phases"] = {p: by(p.__eq__) for p in sorted({o.phase for o in observations})}
+    return run
+
+
+def _ceiling_run(rates: dict[str, float]) -> dict[str, Any]:
+    best = max(rates.values())
+    latency = dict.fromkeys(("ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms",
+                             "itl_p95_ms", "itl_p99_ms", "e2e_p99_ms"))
+    return {"tokens_per_s": best, "saturated_tokens_per_s": best, "by_batch_size": rates,
+            "requests": 0, "completed": 0, "lost": 0, **latency}
+
+
+def _timeline(observations: list[Observation]) -> list[list[float]]:
+    """[submit offset s, ttft ms, itl p95 ms] per request, for the chart."""
+    if not observations:
+        return []
+    start = min(o.submitted for o in observations)
+    rows = []
+    for o in observations:
+        if o.first_token is None:
+            continue
+        gaps = sorted(o.gaps)
+        p95 = gaps[int(0.95 * (len(gaps) - 1))] if gaps else 0.0
+        rows.append([o.submitted - start, (o.first_token - o.submitted) * 1000, p95 * 1000])
+    return rows
+
+
+def _targets(runs: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
+    ours, fixed, naive = runs["streamproc"], runs["fixed_window"], runs["naive"]
+    ceiling = runs["offline_ceiling"]["tokens_per_s"]
+    itl_limit = settings.itl_target_s * 1.2 * 1000
+    ratio = {
+        "throughput_vs_ceiling": ours["saturated_tokens_per_s"] / ceiling if ceiling else 0.0,
+        "throughput_vs_naive": (ours["saturated_tokens_per_s"]
+                                / max(naive["saturated_tokens_per_s"], 1e-9)),
+        "ttft_p99_vs_fixed_window": (ours["steady"]["ttft_p99_ms"]
+                                     / max(fixed["steady"]["ttft_p99_ms"], 1e-9)),
+        "burst_itl_p95_ms": ours["burst"]["itl_p95_ms"],
+        "fixed_window_burst_itl_p95_ms": fixed["burst"]["itl_p95_ms"],
+    }
+    met = {
+        "throughput_vs_ceiling >= 0.85": ratio["throughput_vs_ceiling"] >= 0.85,
+        "throughput_vs_naive >= 10": ratio["throughput_vs_naive"] >= 10,
+        "ttft_p99_vs_fixed_window <= 1/3": ratio["ttft_p99_vs_fixed_window"] <= 1 / 3,
+        "burst itl p95 within 1.2x target (and fixed window not)":
+            ratio["burst_itl_p95_ms"] <= itl_limit < ratio["fixed_window_burst_itl_p95_ms"],
+        "nothing lost": all(r["lost"] == 0 for r in runs.values()),
+    }
+    return {"ratios": ratio, "met": met}
+

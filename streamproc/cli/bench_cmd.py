@@ -1,0 +1,92 @@
+"""``streamproc bench``: naive, fixed-window and streamproc on one trace, plus the ceiling."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from streamproc.bench.run import BenchSettings, run_bench
+from streamproc.bench.trace import TraceSettings
+from streamproc.cli.common import add_bootstrap, run
+from streamproc.cli.demo_cmd import local_broker, tiny_model
+from streamproc.config import bootstrap_from_env
+from streamproc.engine.loader import load_model
+
+COLUMNS = [("tokens_per_s", "tok/s"), ("saturated_tokens_per_s", "sat tok/s"),
+           ("ttft_p50_ms", "ttft p50"), ("ttft_p99_ms", "ttft p99"), ("itl_p50_ms", "itl p50"),
+           ("itl_p95_ms", "itl p95"), ("itl_p99_ms", "itl p99"), ("e2e_p99_ms", "e2e p99"),
+           ("completed", "done"), ("lost", "lost")]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bench", help="benchmark against naive and fixed-window peers",
+                       description="Replay one arrival trace (steady Poisson phases, a 10x "
+                       "burst, a saturation wave) through real Kafka against a naive worker, "
+                       "a fixed-window micro-batcher and streamproc, then measure offline "
+                       "generate() as the ceiling. Writes a JSON report and a PNG chart.")
+    add_bootstrap(p)
+    p.add_argument("--model", help="model (default: the tiny local model)")
+    p.add_argument("--json", type=Path, default=Path("bench-report.json"))
+    p.add_argument("--png", type=Path, default=Path("bench-report.png"))
+    p.add_argument("--rates", default="2,5,10", help="steady phases, requests/s (2,5,10)")
+    p.add_argument("--phase-seconds", type=float, default=10.0)
+    p.add_argument("--saturation", type=int, default=200, help="requests in the last wave")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--ttft-target-ms", type=float, default=1000.0)
+    p.add_argument("--itl-target-ms", type=float, default=100.0)
+    p.set_defaults(handler=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    trace = TraceSettings(rates=tuple(float(r) for r in args.rates.split(",")),
+                          phase_s=args.phase_seconds, saturation_requests=args.saturation,
+                          max_new_tokens=args.max_new_tokens)
+    settings = BenchSettings(trace=trace, ttft_target_s=args.ttft_target_ms / 1000,
+                             itl_target_s=args.itl_target_ms / 1000)
+    with ExitStack() as cleanup:
+        address = args.bootstrap or bootstrap_from_env() or local_broker(cleanup)
+        model = args.model or tiny_model()
+        loaded = load_model(model, "auto")
+        report = run(run_bench(address, loaded, model, settings, _say))
+    report["device"] = str(loaded.device)
+    args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    from streamproc.bench.chart import draw
+    draw(report, args.png)
+    print(table(report))
+    print(f"report: {args.json}  chart: {args.png}")
+    return 0
+
+
+def _say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def table(report: dict[str, Any]) -> str:
+    runs = report["runs"]
+    head = f"{'':<16}" + "".join(f"{label:>11}" for _, label in COLUMNS)
+    lines = [head]
+    for name in ("naive", "fixed_window", "streamproc", "offline_ceiling"):
+        for suffix, figures in [("", runs[name]), (" (burst)", runs[name].get("burst"))]:
+            if figures is None:
+                continue
+            cells = "".join(_cell(figures.get(key)) for key, _ in COLUMNS)
+            lines.append(f"{name + suffix:<16}"[:16] + cells)
+    lines.append("")
+    for key, value in report["targets"]["ratios"].items():
+        lines.append(f"{key:<34} {value:10.2f}")
+    for key, ok in report["targets"]["met"].items():
+        lines.append(f"{'MET ' if ok else 'MISSED'} {key}")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return f"{'-':>11}"
+    return f"{value:>11.1f}" if isinstance(value, float) else f"{value:>11}"
+
+
+

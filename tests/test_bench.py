@@ -1,0 +1,70 @@
+"""The benchmark's pure parts: the trace, the figures, the table and the chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamproc.bench.chart import draw
+from streamproc.bench.measure import Observation, percentile, summarize
+from streamproc.bench.trace import TraceSettings, build
+from streamproc.cli.bench_cmd import table
+
+SMALL = TraceSettings(rates=(2.0, 8.0), phase_s=5.0, burst_s=1.0, saturation_requests=20)
+
+
+def test_the_trace_is_seeded_and_shaped_as_declared() -> None:
+    trace = build(SMALL)
+    assert trace == build(SMALL)
+    assert build(SMALL) != build(TraceSettings(**{**SMALL.__dict__, "seed": 8}))
+    phases = [a.phase for a in trace]
+    assert phases.count("saturation") == 20
+    assert [a.at_s for a in trace] == sorted(a.at_s for a in trace)
+    steady = phases.count("steady_2") / 5.0, phases.count("steady_8") / 5.0
+    assert steady[0] < steady[1]  # Poisson counts follow the rates
+    burst = [a for a in trace if a.phase == "burst"]
+    assert len(burst) > phases.count("steady_8") / 5.0  # 10 x the middle rate for 1 s
+    assert all(a.max_new_tokens == SMALL.max_new_tokens for a in trace)
+
+
+def test_summaries_count_losses_and_latencies() -> None:
+    done = Observation("steady", submitted=0.0, first_token=0.1, finished=0.5, tokens=5,
+                       gaps=[0.1] * 4)
+    lost = Observation("steady", submitted=0.2)
+    figures = summarize([done, lost], ttft_target_s=0.2, itl_target_s=0.2)
+    assert (figures["requests"], figures["completed"], figures["lost"]) == (2, 1, 1)
+    assert figures["ttft_p50_ms"] == pytest.approx(100.0)
+    assert figures["itl_p95_ms"] == pytest.approx(100.0)
+    assert figures["tokens_per_s"] == pytest.approx(10.0)
+    assert figures["within_targets"] == 1.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+
+
+def fake_run(tokens_per_s: float) -> dict[str, Any]:
+    phase = {"tokens_per_s": tokens_per_s, "ttft_p95_ms": 50.0, "ttft_p99_ms": 60.0,
+             "itl_p95_ms": 5.0, "lost": 0}
+    return {**phase, "saturated_tokens_per_s": tokens_per_s, "completed": 3,
+            "burst": dict(phase), "steady": dict(phase),
+            "phases": {"steady_2": dict(phase), "steady_8": dict(phase)}}
+
+
+def test_table_and_chart_render_a_report(tmp_path: Path) -> None:
+    report: dict[str, Any] = {
+        "runs": {"naive": fake_run(10.0), "fixed_window": fake_run(50.0),
+                 "streamproc": fake_run(80.0),
+                 "offline_ceiling": {"tokens_per_s": 100.0, "lost": 0}},
+        "targets": {"ratios": {"throughput_vs_ceiling": 0.8}, "met": {"nothing lost": True}},
+        "settings": {"itl_target_ms": 100.0},
+        "timelines": {"naive": [[0.0, 10.0, 2.0]], "fixed_window": [[0.1, 5.0, 1.0]],
+                      "streamproc": [[0.2, 3.0, 1.5]]},
+    }
+    text = table(report)
+    assert "streamproc" in text
+    assert "MET  nothing lost" in text
+    json.dumps(report)
+    chart = tmp_path / "chart.png"
+    draw(report, chart)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
