@@ -162,6 +162,8 @@ class WorkerConfig:
     """Upper bound on any request's ``max_new_tokens``."""
     max_inflight: int = 256
     """Most requests held by the worker (waiting + running); beyond it fetching pauses."""
+    coalesce_above: int = 1000
+    """Unacknowledged messages above which later chunks of a stream are merged."""
     lane_backlog: int = 32
     """Waiting requests in a lane above which fetching from lower lanes pauses."""
     max_inflight_tokens: int = 262_144
@@ -193,6 +195,8 @@ class WorkerConfig:
         self._check_positive("max_inflight", "max_message_bytes", "max_inflight_tokens",
                              "max_prompt_tokens", "lane_backlog",
                              "status_interval_s", "lag_interval_s")
+        if self.coalesce_above < 0:
+            raise ConfigError("coalesce_above must be >= 0")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be 0 (off) or a port, got {self.metrics_port}")
         if self.batch_window_ms < 0 or self.commit_interval_s <= 0 or self.drain_timeout_s < 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -127,3 +128,33 @@ async def test_bad_input_lands_where_it_should_and_the_worker_keeps_serving(
     lag = await wait_for_lag_zero(worker_config.bootstrap, worker_config.group_id,
                                   topics.requests)
     assert lag == 0
+
+
+async def test_chunks_coalesce_when_kafka_is_behind_and_the_first_token_never_waits(
+        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    # Coalescing as soon as anything is unacknowledged: every stream is "behind".
+    config = replace(worker_config, coalesce_above=0)
+    running = Worker(config, loaded_model)
+    await running.start()
+    prompts = [f"coalesce {i} " * (i + 1) for i in range(12)]
+    params = wire.GenerationParams(max_new_tokens=40, ignore_eos=True)
+    try:
+        async with client_for(config) as client:
+            streams = [await client.submit(p, params=params) for p in prompts]
+            results = await asyncio.wait_for(asyncio.gather(*(s.result() for s in streams)), 60)
+    finally:
+        await running.stop()
+    tokenizer = loaded_model.tokenizer
+    for prompt, result in zip(prompts, results, strict=True):
+        ids = tokenizer(prompt).input_ids
+        expected = reference_tokens(loaded_model, ids, 40)
+        # ignore_eos may run past an EOS that generate() would stop at: compare the prefix.
+        assert result.token_ids[:len(expected)] == expected
+        assert len(result.token_ids) == 40
+        assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    raw = streams_by_request(await read_topic(config.bootstrap, config.topics.responses,
+                                              until_count=12))
+    chunks = [m for msgs in raw.values() for m in msgs if isinstance(m, wire.TokenChunk)]
+    firsts = [m for m in chunks if m.seq == 0]
+    assert all(len(m.token_ids) == 1 for m in firsts)  # the first token went out alone
+    assert len(chunks) < 12 * 40  # later tokens were merged

@@ -26,19 +26,25 @@ OnAcked = Callable[[TopicPartition, int], None]
 
 class Publisher:
     def __init__(self, producer: AIOKafkaProducer, dead_letter_topic: str,
-                 on_acked: OnAcked) -> None:
+                 on_acked: OnAcked, *, coalesce_above: int = 1000) -> None:
+        """``coalesce_above``: with more sends than this unacknowledged, later chunks of a
+        stream are merged until the producer catches up (a first chunk never waits)."""
         self._producer = producer
         self._dead_letter_topic = dead_letter_topic
         self._on_acked = on_acked
+        self._coalesce_above = coalesce_above
         self._next_seq: dict[tuple[TopicPartition, int], int] = {}
+        self._held: dict[tuple[TopicPartition, int], tuple[str, list[int]]] = {}
         self._acks: set[asyncio.Task[None]] = set()
+        self._unacked = 0
+        self.coalesced = 0
+        """Chunks merged into later ones because the producer was behind."""
 
     async def publish(self, job: Job, event: TokenEvent) -> None:
         """Send what ``event`` adds to ``job``'s stream."""
-        if event.token_ids or event.text:
-            chunk = wire.TokenChunk(job.request_id, self._seq(job), event.text, event.token_ids,
-                                    job.attempt)
-            await self._send(job.reply_topic, job.request_id, chunk)
+        ending = event.outcome is not None
+        if event.token_ids or event.text or (ending and job.key in self._held):
+            await self._chunk(job, event.text, event.token_ids, final=ending)
         if event.outcome is not None:
             o = event.outcome
             final = wire.FinalMessage(job.request_id, self._seq(job), o.finish_reason, o.usage,
@@ -47,6 +53,8 @@ class Publisher:
 
     async def fail(self, job: Job, code: str, message: str, retriable: bool = False) -> None:
         """End ``job``'s stream with an error message."""
+        if job.key in self._held:  # what was generated goes out before the end
+            await self._chunk(job, "", [], final=True)
         await self._finish(job, wire.ErrorMessage(job.request_id, self._seq(job), code, message,
                                                   retriable, job.attempt))
 
@@ -74,6 +82,18 @@ class Publisher:
     def forget(self, job: Job) -> None:
         """``job`` was abandoned (its partition moved): drop its sequence counter."""
         self._next_seq.pop(job.key, None)
+        self._held.pop(job.key, None)
+
+    async def _chunk(self, job: Job, text: str, tokens: list[int], *, final: bool) -> None:
+        held_text, held_tokens = self._held.pop(job.key, ("", []))
+        text, tokens = held_text + text, held_tokens + tokens
+        started = job.key in self._next_seq
+        if started and not final and self._unacked > self._coalesce_above:
+            self._held[job.key] = (text, tokens)  # Kafka is behind: merge into a later chunk
+            self.coalesced += 1
+            return
+        chunk = wire.TokenChunk(job.request_id, self._seq(job), text, tokens, job.attempt)
+        await self._send(job.reply_topic, job.request_id, chunk)
 
     def _seq(self, job: Job) -> int:
         # Keyed by record, not request id: two jobs may reuse an id.
@@ -90,7 +110,12 @@ class Publisher:
                     message: wire.ResponseMessage) -> asyncio.Future[object]:
         future: asyncio.Future[object] = await self._producer.send(
             topic, wire.encode(message), key=request_id.encode())
+        self._unacked += 1
+        future.add_done_callback(self._acked_one)
         return future
+
+    def _acked_one(self, _: asyncio.Future[object]) -> None:
+        self._unacked -= 1
 
     def _track(self, ack: asyncio.Future[object], tp: TopicPartition, offset: int) -> None:
         task = asyncio.ensure_future(self._await_ack(ack, tp, offset))

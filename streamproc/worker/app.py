@@ -56,7 +56,8 @@ class Worker:
         self._consumer = kafka.consumer(config.bootstrap, security=config.security,
                                         group_id=config.group_id,
                                         max_poll_records=config.max_inflight)
-        self._publisher = Publisher(self._producer, config.topics.dead_letter, self._done)
+        self._publisher = Publisher(self._producer, config.topics.dead_letter, self._done,
+                                    coalesce_above=config.coalesce_above)
         preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
                             config.max_new_tokens_cap, config.topics,
                             max_prompt_tokens=config.max_prompt_tokens)
