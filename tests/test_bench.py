@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from streamproc.bench.chart import draw
-from streamproc.bench.measure import Observation, percentile, summarize
+from streamproc.bench.measure import Observation, summarize
 from streamproc.bench.trace import TraceSettings, build
 from streamproc.cli.bench_cmd import table
+from streamproc.metrics.stats import percentile
 
 SMALL = TraceSettings(rates=(2.0, 8.0), phase_s=5.0, burst_s=1.0, saturation_requests=20)
 
@@ -41,6 +42,9 @@ def test_summaries_count_losses_and_latencies() -> None:
     assert figures["tokens_per_s"] == pytest.approx(10.0)
     assert figures["within_targets"] == 1.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 75) == 3.0  # nearest rank: ceil(0.75 * 4)
+    assert percentile([5.0, 1.0, 3.0], 100) == 5.0
+    assert percentile([], 95) == 0.0
 
 
 def fake_run(tokens_per_s: float) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamproc.metrics.stats import percentile
+
 
 @dataclass
 class Observation:
@@ -17,14 +19,6 @@ class Observation:
     tokens: int = 0
     gaps: list[float] = field(default_factory=list)
     """Between successive tokens: a chunk of k tokens after a gap g counts k gaps of g/k."""
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
 
 
 def summarize(observations: list[Observation], ttft_target_s: float,

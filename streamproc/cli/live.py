@@ -6,6 +6,7 @@ import statistics
 import sys
 
 from streamproc.client import Result, ResultStream
+from streamproc.metrics.stats import percentile
 
 _WIDTH = 72
 
@@ -55,14 +56,6 @@ class LiveView:
             out.write(f"\x1b[2K[{i}] {self._status[i]:<16} {body}\n")
         out.flush()
         self._drawn = True
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
 
 
 def summarize(results: list[Result]) -> str:
