@@ -9,7 +9,7 @@ under a live system is a decision for a person, not a tool.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +79,11 @@ def _parse_topic(path: Path, entry: dict[str, Any], default_rf: int) -> TopicSpe
         )
     except KeyError as exc:
         raise ConfigError(f"{path}: a [[topic]] lacks {exc.args[0]!r}") from exc
+
+
+def suffixed(specs: list[TopicSpec], suffix: str, **changes: Any) -> list[TopicSpec]:
+    """The same declarations under names ending in ``.{suffix}`` (tests, benchmarks)."""
+    return [replace(s, name=f"{s.name}.{suffix}", **changes) for s in specs]
 
 
 def topic_names(specs: list[TopicSpec]) -> TopicNames:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,8 +45,7 @@ def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def topic_names(bootstrap: str) -> TopicNames:
     """Fresh topics for each test, named after the declared ones."""
     suffix = uuid.uuid4().hex[:8]
-    specs = [replace(s, name=f"{s.name}.{suffix}", replication_factor=1)
-             for s in topics.load_specs()]
+    specs = topics.suffixed(topics.load_specs(), suffix, replication_factor=1)
     await topics.apply(bootstrap, specs)
     return topics.topic_names(specs)
 

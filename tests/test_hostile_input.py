@@ -10,7 +10,6 @@ import threading
 import time
 import uuid
 from collections.abc import Coroutine, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -156,7 +155,7 @@ class Harness:
 def harness(bootstrap: str, tiny_model_dir: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     suffix = uuid.uuid4().hex[:8]
-    specs = [replace(s, name=f"{s.name}.{suffix}") for s in topics.load_specs()]
+    specs = topics.suffixed(topics.load_specs(), suffix)
     names: TopicNames = topics.topic_names(specs)
     asyncio.run(topics.apply(bootstrap, specs))
     config = WorkerConfig(bootstrap=bootstrap, topics=names, model=str(tiny_model_dir),

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.kafka
 
 def fresh_specs() -> list[topics.TopicSpec]:
     suffix = uuid.uuid4().hex[:8]
-    return [replace(s, name=f"{s.name}.{suffix}") for s in topics.load_specs()]
+    return topics.suffixed(topics.load_specs(), suffix)
 
 
 def test_the_declarations_name_every_role() -> None:

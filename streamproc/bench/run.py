@@ -10,7 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from streamproc import topics, wire
@@ -81,8 +81,7 @@ def _make_peer(name: str, bootstrap: str, names: TopicNames, loaded: LoadedModel
 
 async def _fresh_topics(bootstrap: str) -> TopicNames:
     suffix = uuid.uuid4().hex[:8]
-    specs = [replace(s, name=f"{s.name}.bench-{suffix}", replication_factor=1)
-             for s in topics.load_specs()]
+    specs = topics.suffixed(topics.load_specs(), f"bench-{suffix}", replication_factor=1)
     await topics.apply(bootstrap, specs)
     return topics.topic_names(specs)
 
