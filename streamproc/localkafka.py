@@ -246,19 +246,20 @@ def _read_state(state_dir: Path) -> BrokerState:
 
 def status(state_dir: Path | None = None) -> BrokerState | None:
     """The running broker recorded in ``state_dir``, or None."""
-    path = _state_file(state_dir or default_state_dir())
-    if not path.exists():
+    folder = state_dir or default_state_dir()
+    if not _state_file(folder).exists():
         return None
-    state = BrokerState(**json.loads(path.read_text()))
+    state = _read_state(folder)
     return state if _alive(state.kafka_pid) else None
 
 
 def stop(state_dir: Path | None = None, timeout_s: float = 20.0) -> bool:
     """Stop the broker, then ZooKeeper; True if anything was running."""
-    path = _state_file(state_dir or default_state_dir())
+    folder = state_dir or default_state_dir()
+    path = _state_file(folder)
     if not path.exists():
         return False
-    state = BrokerState(**json.loads(path.read_text()))
+    state = _read_state(folder)
     for pid in (state.kafka_pid, state.zookeeper_pid):
         _terminate(pid, timeout_s)
     path.unlink(missing_ok=True)

@@ -64,6 +64,15 @@ def assert_greedy_matches(loaded: LoadedModel, prompts: list[str],
         assert outcomes[i][0].token_ids == reference_tokens(loaded, ids, 48)
 
 
+async def assert_all_served(config: WorkerConfig, loaded: LoadedModel, prompts: list[str],
+                            outcomes: list[tuple[Result, list[int]]]) -> None:
+    """Once, in order, complete, greedy ones as generate() has them, and nothing left in Kafka."""
+    assert_exactly_once(outcomes, len(prompts))
+    assert_greedy_matches(loaded, prompts, outcomes)
+    assert await wait_for_lag_zero(config.bootstrap, config.group_id,
+                                   config.topics.requests) == 0
+
+
 def client_for(config: WorkerConfig) -> StreamprocClient:
     return StreamprocClient(config.bootstrap, request_topic=config.topics.requests[0],
                             reply_topic=config.topics.responses)
@@ -87,14 +96,11 @@ async def test_kill_9_with_200_in_flight_then_a_new_worker_finishes_them(
             outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
         finally:
             await second.terminate()
-    assert_exactly_once(outcomes, 200)
-    assert_greedy_matches(loaded_model, prompts, outcomes)
+    await assert_all_served(worker_config, loaded_model, prompts, outcomes)
     raw = streams_by_request(await read_topic(worker_config.bootstrap,
                                               worker_config.topics.responses))
     replayed = [rid for rid, msgs in raw.items() if len({m.attempt for m in msgs}) > 1]
     assert replayed, "no stream was regenerated: the kill did not interrupt any"
-    assert await wait_for_lag_zero(worker_config.bootstrap, worker_config.group_id,
-                                   worker_config.topics.requests) == 0
 
 
 async def test_two_workers_one_leaves_mid_run_the_other_takes_over(
@@ -113,11 +119,8 @@ async def test_two_workers_one_leaves_mid_run_the_other_takes_over(
             outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
         finally:
             await staying.terminate()
-    assert_exactly_once(outcomes, 200)
-    assert_greedy_matches(loaded_model, prompts, outcomes)
+    await assert_all_served(worker_config, loaded_model, prompts, outcomes)
     assert staying.log.read_text().count("partitions assigned") >= 2  # it took over
-    assert await wait_for_lag_zero(worker_config.bootstrap, worker_config.group_id,
-                                   worker_config.topics.requests) == 0
 
 
 async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
@@ -143,9 +146,6 @@ async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
                 outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
             finally:
                 await worker.terminate()
-        assert_exactly_once(outcomes, 40)
-        assert_greedy_matches(loaded_model, prompts, outcomes)
-        assert await wait_for_lag_zero(config.bootstrap, config.group_id,
-                                       config.topics.requests) == 0
+        await assert_all_served(config, loaded_model, prompts, outcomes)
     finally:
         await asyncio.to_thread(localkafka.stop, state_dir)

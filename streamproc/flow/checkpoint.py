@@ -27,9 +27,8 @@ class Checkpoint:
         if pending is not None:
             pending.discard(offset)
 
-    def in_flight(self, tp: TopicPartition | None = None) -> int:
-        if tp is not None:
-            return len(self._pending.get(tp, ()))
+    def in_flight(self) -> int:
+        """Records read and not yet done, over every partition."""
         return sum(len(p) for p in self._pending.values())
 
     def committable(self, only: set[TopicPartition] | None = None) -> dict[TopicPartition, int]:

@@ -37,8 +37,6 @@ class Publisher:
         self._held: dict[tuple[TopicPartition, int], tuple[str, list[int]]] = {}
         self._acks: set[asyncio.Task[None]] = set()
         self._unacked = 0
-        self.coalesced = 0
-        """Chunks merged into later ones because the producer was behind."""
 
     async def publish(self, job: Job, event: TokenEvent) -> None:
         """Send what ``event`` adds to ``job``'s stream."""
@@ -90,7 +88,6 @@ class Publisher:
         started = job.key in self._next_seq
         if started and not final and self._unacked > self._coalesce_above:
             self._held[job.key] = (text, tokens)  # Kafka is behind: merge into a later chunk
-            self.coalesced += 1
             return
         chunk = wire.TokenChunk(job.request_id, self._seq(job), text, tokens, job.attempt)
         await self._send(job.reply_topic, job.request_id, chunk)
