@@ -149,9 +149,11 @@ class WorkerConfig:
     max_batch_tokens: int = 4096
     """Most prompt tokens prefilled in one step (budget in tokens, not requests)."""
     batch_window_ms: float = 10.0
-    """Fixed policy: how long an idle engine gathers arrivals. Adaptive: the shortest window."""
+    """Fixed policy: how long an idle engine gathers arrivals."""
     batch_policy: str = "adaptive"
     """``adaptive`` (window and admission size follow latency) or ``fixed``."""
+    window_min_ms: float = 1.0
+    """Adaptive policy: the shortest admission window (where it starts)."""
     window_max_ms: float = 100.0
     """Adaptive policy: the longest admission window."""
     ttft_target_ms: float = 1000.0
@@ -162,8 +164,10 @@ class WorkerConfig:
     """Upper bound on any request's ``max_new_tokens``."""
     max_inflight: int = 256
     """Most requests held by the worker (waiting + running); beyond it fetching pauses."""
-    coalesce_above: int = 1000
-    """Unacknowledged messages above which later chunks of a stream are merged."""
+    coalesce: bool = True
+    """Merge a stream's new tokens into one chunk while its previous chunk is unacknowledged."""
+    linger_ms: int = 2
+    """How long the producer waits to fill a batch of messages before sending it."""
     lane_backlog: int = 32
     """Waiting requests in a lane above which fetching from lower lanes pauses."""
     max_inflight_tokens: int = 262_144
@@ -195,8 +199,8 @@ class WorkerConfig:
         self._check_positive("max_inflight", "max_message_bytes", "max_inflight_tokens",
                              "max_prompt_tokens", "lane_backlog",
                              "status_interval_s", "lag_interval_s")
-        if self.coalesce_above < 0:
-            raise ConfigError("coalesce_above must be >= 0")
+        if self.linger_ms < 0:
+            raise ConfigError("linger_ms must be >= 0")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be 0 (off) or a port, got {self.metrics_port}")
         if self.batch_window_ms < 0 or self.commit_interval_s <= 0 or self.drain_timeout_s < 0:
@@ -213,8 +217,8 @@ class WorkerConfig:
             raise ConfigError(f"batch_policy must be adaptive or fixed, got {self.batch_policy!r}")
         if self.ttft_target_ms <= 0 or self.itl_target_ms <= 0:
             raise ConfigError("latency targets must be positive")
-        if self.window_max_ms < self.batch_window_ms:
-            raise ConfigError("window_max_ms must be at least batch_window_ms")
+        if not 0 <= self.window_min_ms <= self.window_max_ms:
+            raise ConfigError("window_min_ms must be >= 0 and at most window_max_ms")
         try:
             re.compile(self.reply_topic_pattern)
         except re.error as exc:

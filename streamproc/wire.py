@@ -76,6 +76,10 @@ class TokenChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
     token_ids: list[int]
     attempt: str = ""
     """Which processing of the request produced this; a replay after a crash has a new one."""
+    offset: int = 0
+    """Tokens of the stream before this chunk: where ``token_ids`` start."""
+    text_offset: int = 0
+    """Characters (Unicode code points) of the stream's text before this chunk."""
 
 
 class Usage(msgspec.Struct, frozen=True):

@@ -29,25 +29,34 @@ def test_p95_estimate_tracks_a_latency_distribution() -> None:
     assert 0.13 <= estimate.p95 <= 0.17
 
 
-def test_grows_additively_while_there_is_slack() -> None:
+def test_grows_admission_additively_while_there_is_slack() -> None:
     controller = AdaptiveController(SETTINGS)
-    window, admit = controller.window_s, controller.admit_size
+    admit = controller.admit_size
     reasons = run(controller, 4 * 5, itl=0.02, ttft=0.1)
     assert reasons == ["slack"] * 5
-    assert controller.window_s == pytest.approx(window + 5 * 0.002)
     assert controller.admit_size == admit + 5
+    assert controller.window_s == pytest.approx(SETTINGS.window_min_s)  # nothing to gather
 
 
 def test_high_lag_with_slack_leans_toward_throughput() -> None:
     controller = AdaptiveController(SETTINGS)
-    admit = controller.admit_size
-    assert run(controller, 4, itl=0.02, ttft=0.1, lag=500) == ["slack_lag_high"]
-    assert controller.admit_size == admit + 2
+    window, admit = controller.window_s, controller.admit_size
+    assert run(controller, 4 * 3, itl=0.02, ttft=0.1, lag=500) == ["slack_lag_high"] * 3
+    assert controller.admit_size == admit + 2 * 3
+    assert controller.window_s == pytest.approx(window + 2 * 0.002 * 3)
+
+
+def test_with_slack_and_no_backlog_the_window_steps_back_down() -> None:
+    controller = AdaptiveController(SETTINGS)
+    run(controller, 4 * 10, itl=0.02, ttft=0.1, lag=500)
+    grown = controller.window_s
+    assert run(controller, 4 * 2, itl=0.02, ttft=0.1, lag=0) == ["slack"] * 2
+    assert controller.window_s == pytest.approx(grown - 2 * 0.002)
 
 
 def test_inter_token_latency_over_target_cuts_admission_multiplicatively() -> None:
     controller = AdaptiveController(SETTINGS)
-    run(controller, 4 * 20, itl=0.02, ttft=0.1)  # grow first
+    run(controller, 4 * 20, itl=0.02, ttft=0.1, lag=500)  # grow first
     grown = controller.admit_size
     assert run(controller, 4, itl=0.5, ttft=0.1)[-1] == "itl_over_target"
     assert controller.admit_size == grown // 2
@@ -55,7 +64,7 @@ def test_inter_token_latency_over_target_cuts_admission_multiplicatively() -> No
 
 def test_ttft_over_target_shortens_the_window_multiplicatively() -> None:
     controller = AdaptiveController(SETTINGS)
-    run(controller, 4 * 20, itl=0.02, ttft=0.1)
+    run(controller, 4 * 20, itl=0.02, ttft=0.1, lag=500)
     grown = controller.window_s
     assert run(controller, 4, itl=0.02, ttft=3.0)[-1] == "ttft_over_target"
     assert controller.window_s == pytest.approx(grown / 2)
@@ -77,7 +86,7 @@ def test_inside_the_band_nothing_moves_so_it_does_not_oscillate() -> None:
 
 def test_knobs_stay_within_bounds() -> None:
     controller = AdaptiveController(SETTINGS)
-    run(controller, 4 * 500, itl=0.001, ttft=0.01)
+    run(controller, 4 * 500, itl=0.001, ttft=0.01, lag=500)
     assert controller.window_s == pytest.approx(SETTINGS.window_max_s)
     assert controller.admit_size == SETTINGS.admit_max
     run(controller, 4 * 50, itl=5.0, ttft=50.0)

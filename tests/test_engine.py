@@ -57,6 +57,29 @@ def test_greedy_output_equals_generate_whatever_the_batch(loaded_model: LoadedMo
             loaded_model, r.prompt_ids, r.max_new_tokens), r.request_id
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_greedy_output_survives_cache_growth_and_long_late_prompts(
+        loaded_model: LoadedModel, seed: int) -> None:
+    """Short prompts first, then longer ones joining mid-decode (the cache widens on the
+    left), long generations (it outgrows its columns), more rows than it started with,
+    and sequences leaving in every order (rows move into the holes)."""
+    rng = random.Random(seed)
+    vocab = len(loaded_model.tokenizer)
+    requests = [prepared(f"s{seed}-{i}", [rng.randrange(3, vocab)
+                                          for _ in range(rng.randrange(1, 4 + 4 * i))],
+                         rng.randrange(1, 80)) for i in range(30)]
+    arrivals: list[list[PreparedRequest]] = []
+    pending = list(requests)
+    while pending:
+        take = rng.randrange(0, 4)
+        arrivals.append(pending[:take])
+        pending = pending[take:]
+    events = run_to_completion(Engine(loaded_model), arrivals)
+    for r in requests:
+        assert tokens(events[r.request_id]) == reference_tokens(
+            loaded_model, r.prompt_ids, r.max_new_tokens), r.request_id
+
+
 def test_every_request_ends_with_exactly_one_outcome(loaded_model: LoadedModel) -> None:
     requests = [prepared(f"r{i}", [5 + i] * (i + 1), 4 + i) for i in range(6)]
     events = run_to_completion(Engine(loaded_model), [requests])

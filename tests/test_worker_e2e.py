@@ -130,10 +130,9 @@ async def test_bad_input_lands_where_it_should_and_the_worker_keeps_serving(
     assert lag == 0
 
 
-async def test_chunks_coalesce_when_kafka_is_behind_and_the_first_token_never_waits(
-        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
-    # Coalescing as soon as anything is unacknowledged: every stream is "behind".
-    config = replace(worker_config, coalesce_above=0)
+async def run_coalescing(config: WorkerConfig, loaded_model: LoadedModel
+                         ) -> list[wire.TokenChunk]:
+    """Twelve 40-token streams through a worker; every chunk they produced."""
     running = Worker(config, loaded_model)
     await running.start()
     prompts = [f"coalesce {i} " * (i + 1) for i in range(12)]
@@ -154,7 +153,23 @@ async def test_chunks_coalesce_when_kafka_is_behind_and_the_first_token_never_wa
         assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
     raw = streams_by_request(await read_topic(config.bootstrap, config.topics.responses,
                                               until_count=12))
-    chunks = [m for msgs in raw.values() for m in msgs if isinstance(m, wire.TokenChunk)]
+    return [m for msgs in raw.values() for m in msgs if isinstance(m, wire.TokenChunk)]
+
+
+async def test_chunks_coalesce_when_kafka_is_behind_and_the_first_token_never_waits(
+        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    # A 200 ms linger keeps every chunk unacknowledged for longer than many engine steps:
+    # Kafka is "behind" every stream, so tokens made meanwhile must be merged.
+    chunks = await run_coalescing(replace(worker_config, linger_ms=200), loaded_model)
     firsts = [m for m in chunks if m.seq == 0]
+    assert len(firsts) == 12
     assert all(len(m.token_ids) == 1 for m in firsts)  # the first token went out alone
-    assert len(chunks) < 12 * 40  # later tokens were merged
+    assert len(chunks) < 12 * 40 / 4  # later tokens were merged, several per chunk
+
+
+async def test_without_coalescing_every_token_is_its_own_chunk(
+        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    chunks = await run_coalescing(replace(worker_config, linger_ms=200, coalesce=False),
+                                  loaded_model)
+    assert len(chunks) == 12 * 40
+    assert all(len(m.token_ids) == 1 for m in chunks)

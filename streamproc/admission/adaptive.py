@@ -11,9 +11,11 @@ estimates with the targets:
 
 * inter-token p95 above target * margin → admit fewer at once (* ``decrease``);
 * else TTFT p95 above target * margin   → shorten the window (* ``decrease``);
-* both below target * ``slack`` (the hysteresis band) → grow additively:
-  the window by ``window_step_s``, the admission size by ``admit_step``
-  (doubled while consumer lag is high: lean toward throughput);
+* both below target * ``slack`` (the hysteresis band) → grow the admission
+  size additively by ``admit_step``. The window grows by ``window_step_s``
+  only while consumer lag is high (and both steps double: lean toward
+  throughput); with no backlog to batch, waiting buys nothing, so the window
+  steps back toward its minimum instead;
 * otherwise hold — inside the band nothing moves, so it does not oscillate.
 """
 
@@ -111,8 +113,11 @@ class AdaptiveController:
             self.window_s = max(s.window_min_s, self.window_s * s.decrease)
             return "ttft_over_target"
         if itl < s.itl_target_s * s.slack and ttft < s.ttft_target_s * s.slack:
-            lean = 2 if s.lag_high and lag > s.lag_high else 1
-            self.window_s = min(s.window_max_s, self.window_s + s.window_step_s * lean)
-            self.admit_size = min(s.admit_max, self.admit_size + s.admit_step * lean)
-            return "slack_lag_high" if lean > 1 else "slack"
+            if s.lag_high and lag > s.lag_high:
+                self.window_s = min(s.window_max_s, self.window_s + 2 * s.window_step_s)
+                self.admit_size = min(s.admit_max, self.admit_size + 2 * s.admit_step)
+                return "slack_lag_high"
+            self.window_s = max(s.window_min_s, self.window_s - s.window_step_s)
+            self.admit_size = min(s.admit_max, self.admit_size + s.admit_step)
+            return "slack"
         return "within_band"

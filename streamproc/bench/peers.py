@@ -117,6 +117,7 @@ class GeneratePeer:
                              queue: asyncio.Queue[list[int] | None], started: float) -> None:
         detoks = [IncrementalDetokenizer(self._loaded.tokenizer, p) for p in prompts]
         counts = [0] * len(batch)
+        text_sent = [0] * len(batch)
         first: list[float | None] = [None] * len(batch)
         while (step := await queue.get()) is not None:
             for row, token in enumerate(step):
@@ -124,9 +125,11 @@ class GeneratePeer:
                 if counts[row] >= request.params.max_new_tokens:
                     continue
                 first[row] = first[row] or time.time()
-                chunk = wire.TokenChunk(request.request_id, counts[row], detoks[row].push(token),
-                                        [token])
+                text = detoks[row].push(token)
+                chunk = wire.TokenChunk(request.request_id, counts[row], text, [token],
+                                        offset=counts[row], text_offset=text_sent[row])
                 counts[row] += 1
+                text_sent[row] += len(text)
                 await self._send(request, chunk)
         now = time.time()
         for row, request in enumerate(batch):

@@ -1,34 +1,34 @@
 """Replaying one trace through real Kafka against every peer, in one run.
 
-Each peer gets fresh topics and the same trace; the client measures every
-request on its own clock. The offline ceiling runs ``generate()`` with no Kafka.
+Each peer gets fresh topics and the same trace and runs in its own process
+(:mod:`streamproc.bench.serve`); the client, here, measures every request on its
+own clock. The offline ceiling runs ``generate()`` here with no Kafka.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
+
+import msgspec
 
 from streamproc import topics, wire
 from streamproc.bench.measure import Observation, summarize
-from streamproc.bench.peers import GeneratePeer, offline_ceiling
+from streamproc.bench.peers import offline_ceiling
+from streamproc.bench.serve import READY, Peer, PeerSpec
 from streamproc.bench.trace import Arrival, TraceSettings, build
 from streamproc.client import ResultStream, StreamprocClient
-from streamproc.config import TopicNames, WorkerConfig
+from streamproc.config import TopicNames
 from streamproc.engine.loader import LoadedModel
-from streamproc.worker.app import Worker
 
 Progress = Callable[[str], None]
 PEERS = ("naive", "fixed_window", "streamproc")
-
-
-class Peer(Protocol):
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
+PEER_START_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class BenchSettings:
     itl_target_s: float = 0.1
     fixed_window_s: float = 0.010
     fixed_batch: int = 32
+    max_batch_size: int = 128
+    """streamproc's largest decode batch; the ceiling is measured up to the same size."""
     drain_timeout_s: float = 180.0
 
 
@@ -49,13 +51,14 @@ async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,
     observations: dict[str, list[Observation]] = {}
     for name in PEERS:
         names = await _fresh_topics(bootstrap)
-        peer = _make_peer(name, bootstrap, names, loaded, model_dir, settings)
+        peer = _make_peer(name, bootstrap, names, model_dir, settings)
         observations[name] = await _replay(name, peer, bootstrap, names, trace, settings,
                                            progress)
         runs[name] = _summaries(observations[name], settings)
     progress("offline ceiling: generate() alone at several batch sizes")
+    sizes = tuple(s for s in (8, 16, 32, 64, 128, 256) if s <= settings.max_batch_size)
     rates = await asyncio.to_thread(offline_ceiling, loaded, [a.prompt for a in trace[:64]],
-                                    settings.trace.max_new_tokens)
+                                    settings.trace.max_new_tokens, sizes)
     runs["offline_ceiling"] = _ceiling_run(rates)
     return {"runs": runs, "targets": _targets(runs, settings),
             "settings": {"trace": settings.trace.__dict__, "ttft_target_ms":
@@ -64,19 +67,41 @@ async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,
             "timelines": {n: _timeline(o) for n, o in observations.items()}}
 
 
-def _make_peer(name: str, bootstrap: str, names: TopicNames, loaded: LoadedModel,
-               model_dir: str, settings: BenchSettings) -> Peer:
-    group = f"bench-{name}-{uuid.uuid4().hex[:6]}"
-    if name == "naive":
-        return GeneratePeer(bootstrap, names, loaded, group, batch_size=1, window_s=0.0)
-    if name == "fixed_window":
-        return GeneratePeer(bootstrap, names, loaded, group, batch_size=settings.fixed_batch,
-                            window_s=settings.fixed_window_s)
-    config = WorkerConfig(bootstrap=bootstrap, topics=names, model=model_dir, group_id=group,
-                          ttft_target_ms=settings.ttft_target_s * 1000,
-                          itl_target_ms=settings.itl_target_s * 1000, max_batch_size=64,
-                          max_inflight=512)
-    return Worker(config, loaded)
+class PeerProcess:
+    """A peer served by ``python -m streamproc.bench.serve`` in a child process."""
+
+    def __init__(self, spec: PeerSpec) -> None:
+        self._spec = spec
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamproc.bench.serve",
+            msgspec.json.encode(self._spec).decode(), stdout=asyncio.subprocess.PIPE)
+        assert self._process.stdout is not None
+        line = await asyncio.wait_for(self._process.stdout.readline(), PEER_START_TIMEOUT_S)
+        if line.decode().strip() != READY:
+            await self.stop()
+            raise RuntimeError(f"bench peer {self._spec.name} did not start "
+                               f"(exit {self._process.returncode})")
+
+    async def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), PEER_START_TIMEOUT_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+def _make_peer(name: str, bootstrap: str, names: TopicNames, model_dir: str,
+               settings: BenchSettings) -> Peer:
+    return PeerProcess(PeerSpec(name, bootstrap, names, model_dir, settings.ttft_target_s,
+                                settings.itl_target_s, settings.fixed_window_s,
+                                settings.fixed_batch, settings.max_batch_size))
 
 
 async def _fresh_topics(bootstrap: str) -> TopicNames:

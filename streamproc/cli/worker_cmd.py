@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--batch-policy", choices=["adaptive", "fixed"],
                    help="adaptive (default): window and admission size follow latency")
     p.add_argument("--batch-window-ms", type=float,
-                   help="fixed: gather window when idle; adaptive: shortest window (10)")
+                   help="fixed: gather window when idle (10)")
+    p.add_argument("--window-min-ms", type=float, help="adaptive: shortest window (1)")
     p.add_argument("--window-max-ms", type=float, help="adaptive: longest window (100)")
     p.add_argument("--ttft-target-ms", type=float, help="adaptive: TTFT p95 target (1000)")
     p.add_argument("--itl-target-ms", type=float, help="adaptive: inter-token p95 target (100)")
@@ -56,7 +57,7 @@ def _main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose, args.log_format)
     overrides = {k: getattr(args, k) for k in (
         "model", "device", "group_id", "max_batch_size", "max_batch_tokens", "batch_window_ms",
-        "batch_policy", "window_max_ms", "ttft_target_ms", "itl_target_ms",
+        "batch_policy", "window_min_ms", "window_max_ms", "ttft_target_ms", "itl_target_ms",
         "max_inflight", "max_new_tokens_cap", "drain_timeout_s", "metrics_port",
         "metrics_address", "max_prompt_tokens", "allow_unsafe_weights",
         "reply_topic_pattern")}

@@ -55,6 +55,9 @@ class ResultStream:
         self.submitted_at = time.time()
         self._inbox: asyncio.Queue[wire.ResponseMessage] = asyncio.Queue()
         self._next_seq = 0
+        self._tokens_seen = 0
+        self._text_seen = 0
+        self._ended = False
         self._text: list[str] = []
         self._tokens: list[int] = []
         self._arrivals: list[float] = []
@@ -65,15 +68,43 @@ class ResultStream:
         return self._next_seq
 
     def deliver(self, message: wire.ResponseMessage) -> bool:
-        """Accept ``message`` if it is the next in sequence; False for a duplicate."""
-        if self._result is not None or message.seq < self._next_seq:
+        """Accept what ``message`` adds to the stream; False when it adds nothing.
+
+        A request generated again (after a worker crash) repeats its tokens, but not
+        necessarily its chunking, so chunks are spliced by their token and text offsets:
+        only what lies past what this stream already holds is kept. The first terminal
+        message ends the stream.
+        """
+        if self._ended:
             return False
-        if message.seq > self._next_seq:
-            log.warning("request %s: seq %d arrived, expected %d", self.request_id,
-                        message.seq, self._next_seq)
-        self._next_seq = message.seq + 1
+        if isinstance(message, wire.TokenChunk):
+            fresh = self._fresh_part(message)
+            if fresh is None:
+                return False
+            message = fresh
+        else:
+            self._ended = True
+        self._next_seq = max(self._next_seq, message.seq + 1)
         self._inbox.put_nowait(message)
         return True
+
+    def _fresh_part(self, chunk: wire.TokenChunk) -> wire.TokenChunk | None:
+        skip_tokens = self._tokens_seen - chunk.offset
+        skip_text = self._text_seen - chunk.text_offset
+        if skip_tokens < 0 or skip_text < 0:
+            log.warning("request %s: chunk at token %d/char %d, expected %d/%d",
+                        self.request_id, chunk.offset, chunk.text_offset, self._tokens_seen,
+                        self._text_seen)
+        tokens, text = chunk.token_ids[max(0, skip_tokens):], chunk.text[max(0, skip_text):]
+        if not tokens and not text and (chunk.token_ids or chunk.text):
+            return None  # a replay of what is already here
+        self._tokens_seen += len(tokens)
+        self._text_seen += len(text)
+        if (tokens, text) == (chunk.token_ids, chunk.text):
+            return chunk
+        return msgspec.structs.replace(chunk, token_ids=tokens, text=text,
+                                       offset=chunk.offset + max(0, skip_tokens),
+                                       text_offset=chunk.text_offset + max(0, skip_text))
 
     def __aiter__(self) -> AsyncIterator[wire.TokenChunk]:
         return self._chunks()

@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
-from streamproc.engine.kvbatch import KVBatch
+from streamproc.engine.kvbatch import SlotBatch
 from streamproc.engine.loader import LoadedModel
 from streamproc.engine.sequence import PreparedRequest, Sequence, TokenEvent, unserved_event
 
@@ -23,7 +23,7 @@ class Engine:
         self._loaded = loaded
         self._model = loaded.model
         self._running: list[Sequence] = []
-        self._batch: KVBatch | None = None
+        self._batch: SlotBatch | None = None
         self.last_prefill_s = 0.0
         """Seconds the last step spent in prefill (0 when it admitted nothing)."""
         self.last_decode_s = 0.0
@@ -70,11 +70,13 @@ class Engine:
 
     def _decode(self) -> list[TokenEvent]:
         batch = self._require_batch()
+        device = self._loaded.device
         positions = batch.mask.sum(dim=1, keepdim=True)
-        cache_position = torch.tensor([batch.length], device=self._loaded.device)
-        batch.extend_mask()
-        last = torch.tensor([[s.last_token] for s in self._running], device=self._loaded.device)
-        logits = self._forward(last, batch, positions, cache_position)
+        cache_position = torch.tensor([batch.length], device=device)
+        mask = batch.open_column()
+        last = torch.tensor([[s.last_token] for s in self._running], device=device)
+        logits = self._forward(last, batch.cache, mask, positions, cache_position)
+        batch.close_column()
         events = self._advance(self._running, logits)
         self._retire()
         return events
@@ -82,28 +84,27 @@ class Engine:
     def _prefill(self, prepared: list[PreparedRequest]) -> list[TokenEvent]:
         ids, mask = self._left_padded([p.prompt_ids for p in prepared])
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        batch = KVBatch(DynamicCache(), mask)
+        cache = DynamicCache()
         cache_position = torch.arange(ids.shape[1], device=self._loaded.device)
-        logits = self._forward(ids, batch, positions, cache_position)
+        logits = self._forward(ids, cache, mask, positions, cache_position)
         sequences = [
             Sequence.start(p, self._loaded.tokenizer, self._loaded.device, self._loaded.eos_ids)
             for p in prepared
         ]
         events = self._advance(sequences, logits)
-        self._admit(sequences, batch)
+        self._admit(sequences, cache, mask)
         return events
 
-    def _forward(self, ids: torch.Tensor, batch: KVBatch, positions: torch.Tensor,
-                 cache_position: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, cache: Cache, mask: torch.Tensor,
+                 positions: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         out = self._model(
             input_ids=ids,
-            attention_mask=batch.mask,
+            attention_mask=mask,
             position_ids=positions,
-            past_key_values=batch.cache,
+            past_key_values=cache,
             cache_position=cache_position,
             use_cache=True,
         )
-        batch.cache = out.past_key_values
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
@@ -120,27 +121,27 @@ class Engine:
                 events.append(seq.advance(token, now))
         return events
 
-    def _admit(self, sequences: list[Sequence], batch: KVBatch) -> None:
+    def _admit(self, sequences: list[Sequence], prefill: DynamicCache,
+               mask: torch.Tensor) -> None:
         alive = [i for i, s in enumerate(sequences) if not s.finished]
         if not alive:
             return
-        if len(alive) < len(sequences):
-            batch.keep(alive)
         if self._batch is None:
-            self._batch = batch
+            self._batch, self._running = SlotBatch(prefill, mask), sequences
+            self._retire()
         else:
-            self._batch.join(batch)
-        self._running += [sequences[i] for i in alive]
+            self._batch.join(prefill, mask, alive)
+            self._running += [sequences[i] for i in alive]
 
     def _retire(self) -> None:
-        alive = [i for i, s in enumerate(self._running) if not s.finished]
-        if len(alive) == len(self._running):
+        dead = [i for i, s in enumerate(self._running) if s.finished]
+        if not dead:
             return
-        self._running = [self._running[i] for i in alive]
-        if not alive:
-            self._batch = None
-        else:
-            self._require_batch().keep(alive)
+        if len(dead) == len(self._running):
+            self._running, self._batch = [], None
+            return
+        order = self._require_batch().remove(dead)
+        self._running = [self._running[i] for i in order]
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
@@ -151,7 +152,7 @@ class Engine:
         return (torch.tensor(ids, device=device),
                 torch.tensor(mask, dtype=torch.long, device=device))
 
-    def _require_batch(self) -> KVBatch:
+    def _require_batch(self) -> SlotBatch:
         if self._batch is None:
             raise RuntimeError("running sequences without a KV batch")
         return self._batch

@@ -1,8 +1,17 @@
-"""A left-padded batch of KV caches that sequences join and leave between steps.
+"""The running batch's KV cache: preallocated slots that sequences join and leave.
 
-Rows are sequences, columns are cache positions; ``mask`` marks which columns
-of each row hold real tokens. Joining pads the shorter side on the left;
-leaving drops rows and then any left columns that no row uses any more.
+Rows are sequences, columns cache positions. Every row's tokens end at the same
+column ``end`` (prompts are left-padded), so a decode step writes one column
+for all rows in place, and the model sees views ``[:rows, :, start:end]`` of
+preallocated buffers: no copy of the cache per step. ``mask`` marks which
+columns of a row hold real tokens.
+
+* joining writes the newcomers' prefill keys and values below the live rows,
+  right-aligned at ``end``;
+* leaving moves the last rows into the holes (one row copy each) and returns
+  the new row order, so the caller can reorder its sequences the same way;
+* buffers grow by doubling (rows or columns) and drop unused left columns when
+  they run out of room, so their cost is amortized over many steps.
 """
 
 from __future__ import annotations
@@ -10,78 +19,163 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    # Full-attention layers only: every layer of a DynamicCache built from tensors.
+    # Full-attention layers only: every layer of a DynamicCache built by a prefill.
     layers: list[Any] = list(cache.layers)
     return [(layer.keys, layer.values) for layer in layers]
 
 
-def from_tensors(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    return DynamicCache(tensors)
+class _SlotLayer(DynamicLayer):
+    """One layer's keys and values, as the model's attention reads and writes them."""
+
+    def __init__(self, owner: SlotBatch, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self._owner = owner
+        self.key_buf, self.value_buf = keys, values
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        o = self._owner
+        width = key_states.shape[-2]
+        self.key_buf[:o.rows, :, o.end:o.end + width] = key_states
+        self.value_buf[:o.rows, :, o.end:o.end + width] = value_states
+        window = slice(o.start, o.end + width)
+        self.keys = self.key_buf[:o.rows, :, window]
+        self.values = self.value_buf[:o.rows, :, window]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._owner.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._owner.length + query_length, 0
 
 
-class KVBatch:
-    """The running batch's cache and attention mask."""
+class SlotBatch:
+    """Keys, values and attention mask of every running sequence."""
 
-    def __init__(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        self.cache = cache
-        self.mask = mask
-
-    @property
-    def rows(self) -> int:
-        return int(self.mask.shape[0])
+    def __init__(self, prefill: DynamicCache, mask: torch.Tensor) -> None:
+        tensors = layer_tensors(prefill)
+        rows, width = mask.shape
+        self.rows, self.start, self.end = rows, 0, width
+        self._mask = _alloc_like(mask, (_room(rows), _room(width + 1)))
+        self._mask[:rows, :width] = mask
+        self._layers = [
+            _SlotLayer(self, _alloc_like(k, (_room(rows), k.shape[1], _room(width + 1),
+                                             k.shape[3])),
+                       _alloc_like(v, (_room(rows), v.shape[1], _room(width + 1), v.shape[3])))
+            for k, v in tensors]
+        for layer, (k, v) in zip(self._layers, tensors, strict=True):
+            layer.key_buf[:rows, :, :width] = k
+            layer.value_buf[:rows, :, :width] = v
+        layers: list[Any] = list(self._layers)
+        self.cache = Cache(layers=layers)
 
     @property
     def length(self) -> int:
-        return int(self.mask.shape[1])
+        """Visible columns (cache positions the model attends over)."""
+        return self.end - self.start
 
-    def extend_mask(self) -> None:
-        """One more real column for every row: the token about to be decoded."""
-        ones = torch.ones((self.rows, 1), dtype=self.mask.dtype, device=self.mask.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._mask[:self.rows, self.start:self.end]
 
-    def join(self, other: KVBatch) -> None:
-        """Append ``other``'s rows below ours."""
-        width = max(self.length, other.length)
-        mine, theirs = _pad_left(self, width), _pad_left(other, width)
-        self.cache = from_tensors([
-            (torch.cat([k1, k2]), torch.cat([v1, v2]))
-            for (k1, v1), (k2, v2) in zip(mine, theirs, strict=True)
-        ])
-        self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(other.mask, width)])
+    def open_column(self) -> torch.Tensor:
+        """Make room for the token about to be decoded and return the mask including it;
+        :meth:`close_column` after the forward pass."""
+        if self.end + 1 > self._capacity_columns:
+            self._regrow(self.rows, self.length + 1)
+        self._mask[:self.rows, self.end] = 1
+        return self._mask[:self.rows, self.start:self.end + 1]
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in this order), then trim unused left columns."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        self.mask = self.mask.index_select(0, index)
+    def close_column(self) -> None:
+        self.end += 1
+
+    def join(self, prefill: DynamicCache, mask: torch.Tensor, keep: list[int]) -> None:
+        """Append rows ``keep`` of a prefill batch below ours, right-aligned at ``end``."""
+        index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+        new_rows, width = len(keep), mask.shape[1]
+        if width > self.end or self.rows + new_rows > self._capacity_rows:
+            self._regrow(self.rows + new_rows, max(self.length, width) + 1)
+        if self.end - width < self.start:  # the newcomer is longer: expose columns on the left
+            self._mask[:self.rows, self.end - width:self.start] = 0
+            self.start = self.end - width
+        top, columns = self.rows, slice(self.end - width, self.end)
+        self._mask[top:top + new_rows, self.start:self.end] = 0
+        self._mask[top:top + new_rows, columns] = mask.index_select(0, index)
+        for layer, (k, v) in zip(self._layers, layer_tensors(prefill), strict=True):
+            layer.key_buf[top:top + new_rows, :, columns] = k.index_select(0, index)
+            layer.value_buf[top:top + new_rows, :, columns] = v.index_select(0, index)
+        self.rows += new_rows
+
+    def remove(self, dead: list[int]) -> list[int]:
+        """Drop rows ``dead``; returns, for each remaining row, the row it was before."""
+        order = list(range(self.rows))
+        for row in sorted(dead, reverse=True):
+            order[row] = order[-1]
+            order.pop()
+        self.rows = len(order)
+        moves = [(new, old) for new, old in enumerate(order) if new != old]
+        if moves:
+            self._move_rows(moves)
+        self._trim_left()
+        return order
+
+    def _move_rows(self, moves: list[tuple[int, int]]) -> None:
+        # Sources all lie past the new row count and destinations before it: no overlap.
+        device = self._mask.device
+        dst = torch.tensor([m[0] for m in moves], dtype=torch.long, device=device)
+        src = torch.tensor([m[1] for m in moves], dtype=torch.long, device=device)
+        window = slice(self.start, self.end)
+        self._mask[:, window].index_copy_(0, dst, self._mask[:, window].index_select(0, src))
+        for layer in self._layers:
+            for buf in (layer.key_buf, layer.value_buf):
+                view = buf[:, :, window]
+                view.index_copy_(0, dst, view.index_select(0, src))
+
+    def _trim_left(self) -> None:
+        if not self.rows:
+            return
         used = self.mask.any(dim=0).nonzero()
-        start = int(used[0].item()) if used.numel() else self.length
-        self.cache = from_tensors([
-            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-            for k, v in layer_tensors(self.cache)
-        ])
-        self.mask = self.mask[:, start:]
+        self.start += int(used[0].item()) if used.numel() else self.length
+
+    @property
+    def _capacity_rows(self) -> int:
+        return int(self._mask.shape[0])
+
+    @property
+    def _capacity_columns(self) -> int:
+        return int(self._mask.shape[1])
+
+    def _regrow(self, rows: int, columns: int) -> None:
+        """New buffers with room for ``rows`` x ``columns``, the visible window copied to
+        their left edge, plus room on the left for a prefill of ``columns`` - 1."""
+        shift = max(0, columns - 1 - self.length)
+        new_rows = max(self._capacity_rows, _room(rows))
+        new_columns = max(self._capacity_columns, _room(shift + self.length + 1), columns)
+        window = slice(self.start, self.end)
+        target = slice(shift, shift + self.length)
+        mask = _alloc_like(self._mask, (new_rows, new_columns))
+        mask[:self.rows, target] = self._mask[:self.rows, window]
+        self._mask = mask
+        for layer in self._layers:
+            k, v = layer.key_buf, layer.value_buf
+            layer.key_buf = _alloc_like(k, (new_rows, k.shape[1], new_columns, k.shape[3]))
+            layer.value_buf = _alloc_like(v, (new_rows, v.shape[1], new_columns, v.shape[3]))
+            layer.key_buf[:self.rows, :, target] = k[:self.rows, :, window]
+            layer.value_buf[:self.rows, :, target] = v[:self.rows, :, window]
+        self.start, self.end = shift, shift + self.length
 
 
-def _pad_left(batch: KVBatch, width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    extra = width - batch.length
-    tensors = layer_tensors(batch.cache)
-    if extra == 0:
-        return tensors
-    return [(_zeros_left(k, extra), _zeros_left(v, extra)) for k, v in tensors]
+def _room(size: int) -> int:
+    """Capacity for ``size``: the next power of two, so growth is amortized."""
+    return 1 << max(3, (size - 1).bit_length())
 
 
-def _zeros_left(t: torch.Tensor, extra: int) -> torch.Tensor:
-    pad = torch.zeros((*t.shape[:2], extra, t.shape[3]), dtype=t.dtype, device=t.device)
-    return torch.cat([pad, t], dim=2)
-
-
-def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    extra = width - mask.shape[1]
-    if extra == 0:
-        return mask
-    pad = torch.zeros((mask.shape[0], extra), dtype=mask.dtype, device=mask.device)
-    return torch.cat([pad, mask], dim=1)
+def _alloc_like(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.zeros(shape, dtype=t.dtype, device=t.device)

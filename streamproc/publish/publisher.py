@@ -1,9 +1,17 @@
 """Publishing each request's stream to its reply topic, in ``seq`` order.
 
 Messages are keyed by request id, so one request's stream lands in one
-partition and the idempotent producer keeps it in order. The send of every
+partition and the idempotent producer keeps it in order. The partition is
+picked once per stream (with the producer's own key hash, as any Kafka client
+would pick it) rather than hashed again for every chunk. The send of every
 message is queued without waiting; only the terminal message's acknowledgement
 is awaited (in the background) before its offset is marked done.
+
+Coalescing: while a stream's previous chunk is still unacknowledged, its new
+tokens are held and merged into its next chunk. When Kafka keeps up, every
+token goes out alone; when the engine outruns it, chunks grow by themselves,
+so publishing never slows decoding. A stream's first chunk never waits, and a
+held token waits at most for that acknowledgement plus one engine step.
 """
 
 from __future__ import annotations
@@ -11,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord
 
 from streamproc import wire
@@ -22,39 +32,73 @@ from streamproc.logs import record_context
 
 log = logging.getLogger(__name__)
 OnAcked = Callable[[TopicPartition, int], None]
+StreamKey = tuple[TopicPartition, int]
+
+
+@dataclass
+class _Stream:
+    """What the publisher tracks for one job's stream until its terminal message."""
+
+    partition: int
+    next_seq: int = 0
+    held_text: str = ""
+    held_tokens: list[int] = field(default_factory=list)
+    in_flight: asyncio.Future[object] | None = None
+    """The send of the stream's last chunk."""
+    tokens_sent: int = 0
+    text_sent: int = 0
+
+    @property
+    def awaiting_ack(self) -> bool:
+        return self.in_flight is not None and not self.in_flight.done()
+
+    def take_seq(self) -> int:
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        return seq
+
+    def take_held(self, text: str, tokens: list[int]) -> tuple[str, list[int]]:
+        merged = (self.held_text + text, self.held_tokens + tokens)
+        self.held_text, self.held_tokens = "", []
+        return merged
+
+    @property
+    def holding(self) -> bool:
+        return bool(self.held_text or self.held_tokens)
 
 
 class Publisher:
     def __init__(self, producer: AIOKafkaProducer, dead_letter_topic: str,
-                 on_acked: OnAcked, *, coalesce_above: int = 1000) -> None:
-        """``coalesce_above``: with more sends than this unacknowledged, later chunks of a
-        stream are merged until the producer catches up (a first chunk never waits)."""
+                 on_acked: OnAcked, *, coalesce: bool = True) -> None:
+        """``coalesce``: merge a stream's tokens while its previous chunk is unacknowledged
+        (False: one chunk per step, whatever Kafka's pace)."""
         self._producer = producer
         self._dead_letter_topic = dead_letter_topic
         self._on_acked = on_acked
-        self._coalesce_above = coalesce_above
-        self._next_seq: dict[tuple[TopicPartition, int], int] = {}
-        self._held: dict[tuple[TopicPartition, int], tuple[str, list[int]]] = {}
+        self._coalesce = coalesce
+        # Keyed by record, not request id: two jobs may reuse an id.
+        self._streams: dict[StreamKey, _Stream] = {}
+        self._partitioner = DefaultPartitioner()
         self._acks: set[asyncio.Task[None]] = set()
-        self._unacked = 0
 
     async def publish(self, job: Job, event: TokenEvent) -> None:
         """Send what ``event`` adds to ``job``'s stream."""
+        stream = await self._stream(job)
         ending = event.outcome is not None
-        if event.token_ids or event.text or (ending and job.key in self._held):
-            await self._chunk(job, event.text, event.token_ids, final=ending)
+        if event.token_ids or event.text or (ending and stream.holding):
+            await self._chunk(job, stream, event.text, event.token_ids, final=ending)
         if event.outcome is not None:
             o = event.outcome
-            final = wire.FinalMessage(job.request_id, self._seq(job), o.finish_reason, o.usage,
-                                      o.timings, o.detail, job.attempt)
-            await self._finish(job, final)
+            final = wire.FinalMessage(job.request_id, stream.take_seq(), o.finish_reason,
+                                      o.usage, o.timings, o.detail, job.attempt)
+            await self._finish(job, stream, final)
 
     async def fail(self, job: Job, code: str, message: str, retriable: bool = False) -> None:
         """End ``job``'s stream with an error message."""
-        if job.key in self._held:  # what was generated goes out before the end
-            await self._chunk(job, "", [], final=True)
-        await self._finish(job, wire.ErrorMessage(job.request_id, self._seq(job), code, message,
-                                                  retriable, job.attempt))
+        stream = await self._stream(job)
+        if stream.holding:  # what was generated goes out before the end
+            await self._chunk(job, stream, "", [], final=True)
+        await self._finish(job, stream, wire.ErrorMessage(
+            job.request_id, stream.take_seq(), code, message, retriable, job.attempt))
 
     async def reject(self, reply_topic: str, request_id: str, tp: TopicPartition, offset: int,
                      code: str, message: str) -> None:
@@ -78,41 +122,43 @@ class Publisher:
             await asyncio.gather(*self._acks, return_exceptions=True)
 
     def forget(self, job: Job) -> None:
-        """``job`` was abandoned (its partition moved): drop its sequence counter."""
-        self._next_seq.pop(job.key, None)
-        self._held.pop(job.key, None)
+        """``job`` was abandoned (its partition moved): drop its stream state."""
+        self._streams.pop(job.key, None)
 
-    async def _chunk(self, job: Job, text: str, tokens: list[int], *, final: bool) -> None:
-        held_text, held_tokens = self._held.pop(job.key, ("", []))
-        text, tokens = held_text + text, held_tokens + tokens
-        started = job.key in self._next_seq
-        if started and not final and self._unacked > self._coalesce_above:
-            self._held[job.key] = (text, tokens)  # Kafka is behind: merge into a later chunk
+    async def _stream(self, job: Job) -> _Stream:
+        stream = self._streams.get(job.key)
+        if stream is None:
+            partitions = sorted(await self._producer.partitions_for(job.reply_topic))
+            partition = self._partitioner(job.request_id.encode(), partitions, partitions)
+            stream = self._streams[job.key] = _Stream(partition)
+        return stream
+
+    async def _chunk(self, job: Job, stream: _Stream, text: str, tokens: list[int], *,
+                     final: bool) -> None:
+        text, tokens = stream.take_held(text, tokens)
+        if self._coalesce and stream.awaiting_ack and not final:
+            # Kafka is behind this stream: merge into its next chunk.
+            stream.held_text, stream.held_tokens = text, tokens
             return
-        chunk = wire.TokenChunk(job.request_id, self._seq(job), text, tokens, job.attempt)
-        await self._send(job.reply_topic, job.request_id, chunk)
+        # Offsets, not seq, let a reader splice a replay: chunking depends on Kafka's pace.
+        chunk = wire.TokenChunk(job.request_id, stream.take_seq(), text, tokens, job.attempt,
+                                stream.tokens_sent, stream.text_sent)
+        stream.tokens_sent += len(tokens)
+        stream.text_sent += len(text)
+        stream.in_flight = await self._send(job.reply_topic, job.request_id, chunk,
+                                            stream.partition)
 
-    def _seq(self, job: Job) -> int:
-        # Keyed by record, not request id: two jobs may reuse an id.
-        seq = self._next_seq.get(job.key, 0)
-        self._next_seq[job.key] = seq + 1
-        return seq
-
-    async def _finish(self, job: Job, final: wire.FinalMessage | wire.ErrorMessage) -> None:
-        self._next_seq.pop(job.key, None)
-        ack = await self._send(job.reply_topic, job.request_id, final)
+    async def _finish(self, job: Job, stream: _Stream,
+                      final: wire.FinalMessage | wire.ErrorMessage) -> None:
+        self._streams.pop(job.key, None)
+        ack = await self._send(job.reply_topic, job.request_id, final, stream.partition)
         self._track(ack, job.tp, job.offset)
 
-    async def _send(self, topic: str, request_id: str,
-                    message: wire.ResponseMessage) -> asyncio.Future[object]:
+    async def _send(self, topic: str, request_id: str, message: wire.ResponseMessage,
+                    partition: int | None = None) -> asyncio.Future[object]:
         future: asyncio.Future[object] = await self._producer.send(
-            topic, wire.encode(message), key=request_id.encode())
-        self._unacked += 1
-        future.add_done_callback(self._acked_one)
+            topic, wire.encode(message), key=request_id.encode(), partition=partition)
         return future
-
-    def _acked_one(self, _: asyncio.Future[object]) -> None:
-        self._unacked -= 1
 
     def _track(self, ack: asyncio.Future[object], tp: TopicPartition, offset: int) -> None:
         task = asyncio.ensure_future(self._await_ack(ack, tp, offset))

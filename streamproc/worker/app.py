@@ -52,12 +52,13 @@ class Worker:
         self.stats = WorkerStats()
         self.waiting = WaitingQueue(len(config.topics.requests))
         self.cancelled = CancelledIds()
-        self._producer = kafka.producer(config.bootstrap, config.security)
+        self._producer = kafka.producer(config.bootstrap, config.security,
+                                        linger_ms=config.linger_ms)
         self._consumer = kafka.consumer(config.bootstrap, security=config.security,
                                         group_id=config.group_id,
                                         max_poll_records=config.max_inflight)
         self._publisher = Publisher(self._producer, config.topics.dead_letter, self._done,
-                                    coalesce_above=config.coalesce_above)
+                                    coalesce=config.coalesce)
         preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
                             config.max_new_tokens_cap, config.topics,
                             max_prompt_tokens=config.max_prompt_tokens)
@@ -238,7 +239,7 @@ def _batch_policy(config: WorkerConfig) -> tuple[AdaptiveController | None, Batc
                                        config.batch_window_ms / 1000)
     controller = AdaptiveController(ControllerSettings(
         ttft_target_s=config.ttft_target_ms / 1000, itl_target_s=config.itl_target_ms / 1000,
-        window_min_s=config.batch_window_ms / 1000, window_max_s=config.window_max_ms / 1000,
+        window_min_s=config.window_min_ms / 1000, window_max_s=config.window_max_ms / 1000,
         admit_max=config.max_batch_size, lag_high=config.max_inflight))
     return controller, AdaptivePolicy(controller, config.max_batch_size,
                                       config.max_batch_tokens)

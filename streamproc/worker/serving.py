@@ -1,7 +1,9 @@
 """The loop that feeds the engine: admit per the batching policy, step, publish.
 
 The forward pass runs on a dedicated thread so Kafka I/O on the event loop
-never waits behind the model.
+never waits behind the model. The loop is pipelined: while step N+1 runs on
+that thread, the event loop publishes what step N produced, so the cost of
+publishing overlaps the model instead of adding to every step.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from streamproc.admission.adaptive import AdaptiveController
 from streamproc.admission.policy import BatchDecision, BatchPolicy
 from streamproc.channel import Job, WaitingQueue
 from streamproc.engine.engine import Engine
-from streamproc.engine.sequence import TokenEvent
+from streamproc.engine.sequence import PreparedRequest, TokenEvent
 from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import Publisher
 
@@ -42,6 +44,8 @@ class ServingLoop:
         self._last_token_at: dict[int, float] = {}
         self._abandoned: set[int] = set()
         self._cancelled: set[int] = set()
+        self._outbox: list[tuple[Job, TokenEvent]] = []
+        """What the last step produced, published while the next one runs."""
         self._draining = False
         self._idle = asyncio.Event()
 
@@ -54,6 +58,7 @@ class ServingLoop:
         try:
             while not (self._draining and not self._jobs):
                 await self._iterate()
+            await self._send_outbox()
         finally:
             self._idle.set()
 
@@ -76,6 +81,7 @@ class ServingLoop:
         for key in keys:
             self._publisher.forget(self._jobs.pop(key))
             self._last_token_at.pop(key, None)
+        self._outbox = [(job, e) for job, e in self._outbox if job.tp not in partitions]
         self._abandoned.update(keys)
         return len(keys)
 
@@ -92,6 +98,7 @@ class ServingLoop:
         decision = self._decide()
         admitted = [] if self._draining else self._waiting.take(decision.admit)
         if not admitted and not self._jobs and not self._abandoned and not self._cancelled:
+            await self._send_outbox()
             if not self._draining:
                 await self._waiting.wait_for_arrival(decision.wait_s)
             return
@@ -99,18 +106,24 @@ class ServingLoop:
         for job in admitted:
             self._jobs[id(job.prepared)] = job
             self._stats.engine_queue.observe(started - job.enqueued_at)
-        loop = asyncio.get_running_loop()
         abandon, self._abandoned = frozenset(self._abandoned), set()
         cancel, self._cancelled = frozenset(self._cancelled), set()
+        step = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._timed_step, [j.prepared for j in admitted], abandon, cancel)
+        await self._send_outbox()  # the previous step's tokens, while this one computes
         try:
-            events = await loop.run_in_executor(
-                self._executor, self._engine.step, [j.prepared for j in admitted], abandon,
-                cancel)
+            events, busy_s = await step
         except Exception as exc:
             await self._fail_running(exc)
             return
-        self._record_step(events, time.monotonic() - started)
-        await self._publish(events)
+        self._record_step(events, busy_s)
+        self._outbox = self._settle(events)
+
+    def _timed_step(self, admitted: list[PreparedRequest], abandon: frozenset[int],
+                    cancel: frozenset[int]) -> tuple[list[TokenEvent], float]:
+        started = time.monotonic()
+        events = self._engine.step(admitted, abandon, cancel)
+        return events, time.monotonic() - started
 
     def _record_step(self, events: list[TokenEvent], busy_s: float) -> None:
         stats, engine = self._stats, self._engine
@@ -147,7 +160,10 @@ class ServingLoop:
                                    self._waiting.oldest_wait_s(time.monotonic()),
                                    self._engine.num_running)
 
-    async def _publish(self, events: list[TokenEvent]) -> None:
+    def _settle(self, events: list[TokenEvent]) -> list[tuple[Job, TokenEvent]]:
+        """Match events to their jobs and retire the finished ones now, so the next
+        decision sees the engine's real occupancy; the sends come later."""
+        settled = []
         for event in events:
             job = self._jobs.get(id(event.source))
             if job is None:  # abandoned while this step ran
@@ -156,6 +172,12 @@ class ServingLoop:
                 del self._jobs[id(event.source)]
                 self._last_token_at.pop(id(event.source), None)
                 self._stats.finished(event.outcome)
+            settled.append((job, event))
+        return settled
+
+    async def _send_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for job, event in outbox:
             await self._publisher.publish(job, event)
 
     async def _fail_running(self, exc: Exception) -> None:

@@ -1,0 +1,83 @@
+"""One benchmark peer in its own process: ``python -m streamproc.bench.serve SPEC``.
+
+Each peer runs apart from the load generator, as a worker runs apart from its
+clients in production: the client's work of reading every chunk does not share
+the peer's interpreter lock. SPEC is the JSON of a :class:`PeerSpec`. The
+process prints ``ready`` once it consumes, and stops cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import uuid
+from typing import Protocol
+
+import msgspec
+
+from streamproc.bench.peers import GeneratePeer
+from streamproc.cli.common import run
+from streamproc.config import TopicNames, WorkerConfig
+from streamproc.engine.loader import LoadedModel, load_model
+from streamproc.worker.app import Worker
+
+READY = "ready"
+
+
+class Peer(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class PeerSpec(msgspec.Struct, frozen=True):
+    name: str
+    """naive, fixed_window or streamproc."""
+    bootstrap: str
+    topics: TopicNames
+    model: str
+    ttft_target_s: float
+    itl_target_s: float
+    fixed_window_s: float
+    fixed_batch: int
+    max_batch_size: int
+
+
+def make_peer(spec: PeerSpec, loaded: LoadedModel) -> Peer:
+    group = f"bench-{spec.name}-{uuid.uuid4().hex[:6]}"
+    if spec.name == "naive":
+        return GeneratePeer(spec.bootstrap, spec.topics, loaded, group, batch_size=1,
+                            window_s=0.0)
+    if spec.name == "fixed_window":
+        return GeneratePeer(spec.bootstrap, spec.topics, loaded, group,
+                            batch_size=spec.fixed_batch, window_s=spec.fixed_window_s)
+    config = WorkerConfig(bootstrap=spec.bootstrap, topics=spec.topics, model=spec.model,
+                          group_id=group, ttft_target_ms=spec.ttft_target_s * 1000,
+                          itl_target_ms=spec.itl_target_s * 1000,
+                          max_batch_size=spec.max_batch_size,
+                          max_inflight=max(512, spec.max_batch_size))
+    return Worker(config, loaded)
+
+
+async def serve(spec: PeerSpec) -> None:
+    peer = make_peer(spec, load_model(spec.model, "auto"))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await peer.start()
+    print(READY, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await peer.stop()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m streamproc.bench.serve SPEC_JSON", file=sys.stderr)
+        return 2
+    run(serve(msgspec.json.decode(argv[0], type=PeerSpec)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
