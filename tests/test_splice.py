@@ -49,9 +49,8 @@ def test_a_replay_chunked_differently_splices_exactly(texts: list[str], rng: ran
     first = chunked(tokens, texts, [rng.randrange(len(tokens) + 1) for _ in range(5)], "a")
     second = chunked(tokens, texts, [rng.randrange(len(tokens) + 1) for _ in range(5)], "b")
     stream = ResultStream("r")
-    for message in first[:int(died_at * len(first))]:  # the first attempt died here
-        stream.deliver(message)
-    for message in [*second, final(len(second), len(tokens))]:
+    replayed: list[wire.ResponseMessage] = [*second, final(len(second), len(tokens))]
+    for message in [*first[:int(died_at * len(first))], *replayed]:  # the first attempt died
         stream.deliver(message)
     got_tokens, got_text, handed = collect(stream)
     assert got_tokens == tokens
