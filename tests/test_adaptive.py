@@ -6,15 +6,15 @@ from streamproc.admission.adaptive import AdaptiveController, ControllerSettings
 from streamproc.admission.policy import AdaptivePolicy, BatchDecision
 
 SETTINGS = ControllerSettings(ttft_target_s=1.0, itl_target_s=0.1, window_min_s=0.001,
-                              window_max_s=0.1, admit_min=1, admit_max=32, window_step_s=0.002,
-                              admit_step=1, every_n_steps=4, lag_high=100)
+                              window_max_s=0.1, admit_min=1, admit_max=32, running_max=64,
+                              window_step_s=0.002, admit_step=1, every_n_steps=4, lag_high=100)
 
 
 def run(controller: AdaptiveController, steps: int, itl: float, ttft: float,
-        lag: int = 0) -> list[str]:
+        lag: int = 0, running: int = 0) -> list[str]:
     reasons = []
     for _ in range(steps):
-        controller.observe_step(itl, [ttft])
+        controller.observe_step(itl, [ttft], running)
         adjustment = controller.adjust(lag)
         if adjustment is not None:
             reasons.append(adjustment.reason)
@@ -94,6 +94,36 @@ def test_knobs_stay_within_bounds() -> None:
     controller = AdaptiveController(SETTINGS)
     run(controller, 4 * 50, itl=0.01, ttft=50.0)
     assert controller.window_s == pytest.approx(SETTINGS.window_min_s)
+
+
+def test_slow_steps_cap_the_running_batch_below_its_size_then_slack_regrows_it() -> None:
+    controller = AdaptiveController(SETTINGS)
+    assert controller.running_cap == 64  # optimistic: the whole batch
+    # 40 sequences decode too slowly: the cap goes below 40, not below the unused 64.
+    assert run(controller, 4, itl=0.5, ttft=0.1, running=40) == ["itl_over_target"]
+    assert controller.running_cap == 20
+    run(controller, 4 * 10, itl=0.5, ttft=0.1, running=20)
+    assert controller.running_cap == SETTINGS.admit_min
+    reasons = run(controller, 4 * 60, itl=0.02, ttft=0.1, running=1)
+    assert reasons[-1] == "slack"  # once the smoothed p95 has come back down
+    assert controller.running_cap == 64
+
+    fresh = AdaptiveController(SETTINGS)
+    fresh.running_cap = 1
+    grown = []
+    for _ in range(3):
+        run(fresh, 4, itl=0.02, ttft=0.1, running=1)
+        grown.append(fresh.running_cap)
+    assert grown == [5, 9, 13]  # additively, 1/16 of the range a time
+
+
+def test_policy_admits_nothing_at_the_running_cap() -> None:
+    controller = AdaptiveController(SETTINGS)
+    controller.running_cap = 5
+    capped = AdaptivePolicy(controller, max_batch_size=8, max_batch_tokens=100)
+    assert capped.running_cap == 5
+    assert capped.decide([5] * 6, 1.0, running=5) == BatchDecision(0, None)
+    assert capped.decide([5] * 6, 1.0, running=3) == BatchDecision(2, None)
 
 
 def test_decides_only_every_n_steps() -> None:

@@ -30,7 +30,7 @@ def exported_names() -> set[str]:
     """Every sample name a worker exposes, with lag and GPU series present."""
     report = LagReport("g", 0.0, [PartitionLag("t", 0, 5, 3, 1.0, 2.0)],
                        Throughput(10.0, 5.0, 1), 1, "OK")
-    gauges = LiveGauges(1, 2, 3, 4, 5, 0.01, 8, 0, {"allocated": 1})
+    gauges = LiveGauges(1, 2, 3, 4, 5, 0.01, 8, 16, 0, {"allocated": 1})
     stats = WorkerStats()
     stats.outcomes["length"] += 1
     registry = CollectorRegistry()

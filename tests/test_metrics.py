@@ -61,6 +61,7 @@ async def test_collector_exposes_outcomes_latencies_gauges_and_lag(
     assert 0 < ttft_sum <= e2e_sum
     assert sample_value(text, "streamproc_running_requests") == 0
     assert sample_value(text, "streamproc_admission_size") == worker.policy.admit_size >= 1
+    assert sample_value(text, "streamproc_running_cap") == worker.policy.running_cap >= 1
     assert sample_value(text, "streamproc_batch_window_seconds") == worker.policy.window_s
     assert sample_value(text, "streamproc_tokens_per_second") > 0
     lane = worker_config.topics.requests[0]

@@ -6,13 +6,20 @@ size batch more prefills together (fewer interruptions of the running batch,
 better throughput) but make newcomers wait; every prefill lengthens the step
 that carries it, which is what running sequences feel as inter-token latency.
 
+A third knob, the running cap, bounds how many sequences decode together:
+where a step's cost grows with the batch (compute-bound models, CPUs), that
+size is what sets inter-token latency between prefills.
+
 Every ``every_n_steps`` observations the controller compares smoothed p95
 estimates with the targets:
 
-* inter-token p95 above target * margin → admit fewer at once (* ``decrease``);
+* inter-token p95 above target * margin → admit fewer at once and cap the
+  running batch below its present size (both * ``decrease``; running
+  sequences are never preempted, the batch shrinks as they finish);
 * else TTFT p95 above target * margin   → shorten the window (* ``decrease``);
 * both below target * ``slack`` (the hysteresis band) → grow the admission
-  size additively by ``admit_step``. The window grows by ``window_step_s``
+  size additively by ``admit_step`` and the running cap by ``running_step``
+  (1/16 of its range unless set). The window grows by ``window_step_s``
   only while consumer lag is high (and both steps double: lean toward
   throughput); with no backlog to batch, waiting buys nothing, so the window
   steps back toward its minimum instead;
@@ -58,8 +65,12 @@ class ControllerSettings:
     window_max_s: float = 0.100
     admit_min: int = 1
     admit_max: int = 32
+    running_max: int = 32
+    """The running cap's ceiling: the engine's largest batch."""
     window_step_s: float = 0.002
     admit_step: int = 1
+    running_step: int = 0
+    """Additive growth of the running cap; 0: 1/16 of ``running_max``."""
     decrease: float = 0.5
     margin: float = 1.2
     """Cut only when latency exceeds the target by this factor."""
@@ -74,6 +85,7 @@ class ControllerSettings:
 class Adjustment:
     window_s: float
     admit_size: int
+    running_cap: int
     reason: str
 
 
@@ -82,16 +94,21 @@ class AdaptiveController:
         self.settings = settings
         self.window_s = settings.window_min_s
         self.admit_size = max(settings.admit_min, settings.admit_max // 4)
+        self.running_cap = settings.running_max
         self.last_reason = "start"
         self.ttft = SmoothedP95()
         self.itl = SmoothedP95()
         self._steps = 0
+        self._running = 0
 
-    def observe_step(self, itl_s: float | None, ttfts_s: list[float]) -> None:
+    def observe_step(self, itl_s: float | None, ttfts_s: list[float], running: int = 0) -> None:
+        """One engine step: its longest token gap, its first-token times, and how many
+        sequences it decoded."""
         if itl_s is not None:
             self.itl.observe(itl_s)
         for value in ttfts_s:
             self.ttft.observe(value)
+        self._running = max(self._running, running)
         self._steps += 1
 
     def adjust(self, lag: int = 0) -> Adjustment | None:
@@ -100,24 +117,30 @@ class AdaptiveController:
             return None
         self._steps = 0
         reason = self._decide(lag)
+        self._running = 0
         self.last_reason = reason
-        return Adjustment(self.window_s, self.admit_size, reason)
+        return Adjustment(self.window_s, self.admit_size, self.running_cap, reason)
 
     def _decide(self, lag: int) -> str:
         s = self.settings
         itl, ttft = self.itl.p95, self.ttft.p95
         if self.itl.seen and itl > s.itl_target_s * s.margin:
             self.admit_size = max(s.admit_min, int(self.admit_size * s.decrease))
+            # Below the batch that was too slow, not below a cap it never reached.
+            biggest = min(self.running_cap, self._running or self.running_cap)
+            self.running_cap = max(s.admit_min, int(biggest * s.decrease))
             return "itl_over_target"
         if self.ttft.seen and ttft > s.ttft_target_s * s.margin:
             self.window_s = max(s.window_min_s, self.window_s * s.decrease)
             return "ttft_over_target"
         if itl < s.itl_target_s * s.slack and ttft < s.ttft_target_s * s.slack:
-            if s.lag_high and lag > s.lag_high:
+            lean = 2 if s.lag_high and lag > s.lag_high else 1
+            self.admit_size = min(s.admit_max, self.admit_size + lean * s.admit_step)
+            running_step = s.running_step or max(1, s.running_max // 16)
+            self.running_cap = min(s.running_max, self.running_cap + lean * running_step)
+            if lean > 1:
                 self.window_s = min(s.window_max_s, self.window_s + 2 * s.window_step_s)
-                self.admit_size = min(s.admit_max, self.admit_size + 2 * s.admit_step)
                 return "slack_lag_high"
             self.window_s = max(s.window_min_s, self.window_s - s.window_step_s)
-            self.admit_size = min(s.admit_max, self.admit_size + s.admit_step)
             return "slack"
         return "within_band"

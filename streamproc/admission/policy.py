@@ -31,6 +31,9 @@ class BatchPolicy(Protocol):
     @property
     def admit_size(self) -> int: ...
 
+    @property
+    def running_cap(self) -> int: ...
+
     def decide(self, waiting_prompt_tokens: list[int], oldest_wait_s: float,
                running: int) -> BatchDecision: ...
 
@@ -55,6 +58,10 @@ class FixedWindowPolicy:
     def admit_size(self) -> int:
         return self.max_batch_size
 
+    @property
+    def running_cap(self) -> int:
+        return self.max_batch_size
+
     def decide(self, waiting_prompt_tokens: list[int], oldest_wait_s: float,
                running: int) -> BatchDecision:
         free = self.max_batch_size - running
@@ -70,7 +77,8 @@ class FixedWindowPolicy:
 @dataclass(frozen=True)
 class AdaptivePolicy:
     """Admit at most ``admit_size`` at once, when ``window_s`` has passed for the oldest
-    arrival or that many are waiting — busy or idle. The controller moves both knobs."""
+    arrival or that many are waiting — busy or idle — while fewer than the controller's
+    running cap decode. The controller moves all three knobs."""
 
     controller: AdaptiveController
     max_batch_size: int
@@ -84,9 +92,13 @@ class AdaptivePolicy:
     def admit_size(self) -> int:
         return self.controller.admit_size
 
+    @property
+    def running_cap(self) -> int:
+        return min(self.max_batch_size, self.controller.running_cap)
+
     def decide(self, waiting_prompt_tokens: list[int], oldest_wait_s: float,
                running: int) -> BatchDecision:
-        free = self.max_batch_size - running
+        free = self.running_cap - running
         if free <= 0 or not waiting_prompt_tokens:
             return BatchDecision(0, None)
         limit = min(free, self.admit_size)

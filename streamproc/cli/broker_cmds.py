@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                           "weights and a tokenizer built in code, loadable with --model DIR.")
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--layers", type=int, default=2, help="decoder layers (2)")
+    tiny.add_argument("--hidden", type=int, default=64,
+                      help="hidden size, a multiple of 4 (64); 256 with --layers 4 makes a "
+                      "model whose forward pass, not Python, dominates a CPU step")
     tiny.set_defaults(handler=_tiny)
 
 
@@ -88,5 +92,10 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
-    print(make_tiny_model(args.directory, seed=args.seed))
+    if args.layers < 1 or args.hidden < 4 or args.hidden % 4:
+        print("error: --layers must be >= 1 and --hidden a positive multiple of 4",
+              file=sys.stderr)
+        return 2
+    print(make_tiny_model(args.directory, seed=args.seed, layers=args.layers,
+                          hidden=args.hidden))
     return 0

@@ -50,6 +50,7 @@ class LiveGauges:
     kv_cache_tokens: int
     batch_window_s: float
     admission_size: int
+    running_cap: int
     paused_partitions: int
     gpu_memory_bytes: dict[str, int]
 
@@ -98,6 +99,7 @@ class WorkerCollector(Collector):
             ("kv_cache_tokens", "Real tokens in the KV cache.", g.kv_cache_tokens),
             ("batch_window_seconds", "Current admission window.", g.batch_window_s),
             ("admission_size", "Most requests admitted at once now.", g.admission_size),
+            ("running_cap", "Most sequences allowed to decode together now.", g.running_cap),
             ("paused_partitions", "Partitions paused for backpressure.", g.paused_partitions),
         ]:
             yield GaugeMetricFamily(f"streamproc_{name}", doc, value=value)

@@ -187,6 +187,7 @@ class Worker:
             inflight_requests=self.budget.requests, inflight_tokens=self.budget.tokens,
             kv_cache_tokens=self.engine.kv_tokens,
             batch_window_s=self.policy.window_s, admission_size=self.policy.admit_size,
+            running_cap=self.policy.running_cap,
             paused_partitions=self.ingest.paused_partitions, gpu_memory_bytes=gpu)
 
     async def _lag_loop(self) -> None:
@@ -240,7 +241,8 @@ def _batch_policy(config: WorkerConfig) -> tuple[AdaptiveController | None, Batc
     controller = AdaptiveController(ControllerSettings(
         ttft_target_s=config.ttft_target_ms / 1000, itl_target_s=config.itl_target_ms / 1000,
         window_min_s=config.window_min_ms / 1000, window_max_s=config.window_max_ms / 1000,
-        admit_max=config.max_batch_size, lag_high=config.max_inflight))
+        admit_max=config.max_batch_size, running_max=config.max_batch_size,
+        lag_high=config.max_inflight))
     return controller, AdaptivePolicy(controller, config.max_batch_size,
                                       config.max_batch_tokens)
 

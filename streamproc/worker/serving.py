@@ -145,12 +145,13 @@ class ServingLoop:
             elif event.token_ids:
                 firsts.append(wall - event.source.origin_ts)
             self._last_token_at[key] = now
-        self._feed_controller(max(gaps, default=None), firsts)
+        self._feed_controller(max(gaps, default=None), firsts, len(self._jobs))
 
-    def _feed_controller(self, itl_s: float | None, ttfts_s: list[float]) -> None:
+    def _feed_controller(self, itl_s: float | None, ttfts_s: list[float],
+                         batch: int) -> None:
         if self._controller is None:
             return
-        self._controller.observe_step(itl_s, ttfts_s)
+        self._controller.observe_step(itl_s, ttfts_s, batch)
         adjustment = self._controller.adjust(self._lag())
         if adjustment is not None:
             self._stats.window_changes[adjustment.reason] += 1
