@@ -10,11 +10,13 @@ A third knob, the running cap, bounds how many sequences decode together:
 where a step's cost grows with the batch (compute-bound models, CPUs), that
 size is what sets inter-token latency between prefills.
 
-Every ``every_n_steps`` observations the controller compares smoothed p95
-estimates with the targets:
+Every ``every_n_steps`` observations the controller compares p95 estimates
+over recent observations with the targets:
 
-* inter-token p95 above target * margin → admit fewer at once and cap the
-  running batch below its present size (both * ``decrease``; running
+* inter-token p95 above target * margin → admit fewer at once
+  (* ``decrease``: smaller prefills interrupt for less time); when decode-only
+  steps alone take over ``slack`` * target, the batch itself is the cause, so
+  also cap the running batch below its present size (* ``decrease``; running
   sequences are never preempted, the batch shrinks as they finish);
 * else TTFT p95 above target * margin   → shorten the window (* ``decrease``);
 * both below target * ``slack`` (the hysteresis band) → grow the admission
@@ -28,33 +30,40 @@ estimates with the targets:
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
-Z_95 = 1.645
+from streamproc.metrics.stats import percentile
 
 
 @dataclass
-class SmoothedP95:
-    """An exponentially weighted estimate of a latency's 95th percentile (mean + 1.645 sd)."""
+class RecentP95:
+    """The 95th percentile of the last ``size`` observations.
 
-    alpha: float = 0.1
-    mean: float = 0.0
-    variance: float = 0.0
-    seen: int = 0
+    A window rather than mean + 1.645 sd: step times are bimodal (decode-only
+    steps, and the few that also carry a prefill), and a normal approximation
+    lets a handful of prefill spikes inflate the estimate far above the real
+    p95, which would starve the batch for no reason.
+    """
+
+    size: int = 128
+    _values: deque[float] = field(default_factory=deque)
 
     def observe(self, value: float) -> None:
-        if self.seen == 0:
-            self.mean = value
-        else:
-            delta = value - self.mean
-            self.mean += self.alpha * delta
-            self.variance = (1 - self.alpha) * (self.variance + self.alpha * delta * delta)
-        self.seen += 1
+        self._values.append(value)
+        if len(self._values) > self.size:
+            self._values.popleft()
+
+    @property
+    def seen(self) -> int:
+        return len(self._values)
+
+    def clear(self) -> None:
+        self._values.clear()
 
     @property
     def p95(self) -> float:
-        return self.mean + Z_95 * math.sqrt(self.variance)
+        return percentile(list(self._values), 95)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,9 @@ class ControllerSettings:
     slack: float = 0.8
     """Grow only when latency is below this fraction of the target."""
     every_n_steps: int = 8
+    min_itl_samples: int = 32
+    """Steps to observe after an inter-token cut before judging again: each cut is judged
+    on what followed it, not on the slow steps that caused it (one cut per measurement)."""
     lag_high: int = 0
     """Consumer lag above which to lean toward throughput (0: never)."""
 
@@ -96,16 +108,21 @@ class AdaptiveController:
         self.admit_size = max(settings.admit_min, settings.admit_max // 4)
         self.running_cap = settings.running_max
         self.last_reason = "start"
-        self.ttft = SmoothedP95()
-        self.itl = SmoothedP95()
+        self.ttft = RecentP95()
+        self.itl = RecentP95()
+        self.decode = RecentP95()
+        """Decode-only step time: what the running batch alone costs per token."""
         self._steps = 0
         self._running = 0
 
-    def observe_step(self, itl_s: float | None, ttfts_s: list[float], running: int = 0) -> None:
-        """One engine step: its longest token gap, its first-token times, and how many
-        sequences it decoded."""
+    def observe_step(self, itl_s: float | None, ttfts_s: list[float], running: int = 0,
+                     decode_s: float = 0.0) -> None:
+        """One engine step: its longest token gap, its first-token times, how many
+        sequences it held, and how long its decode alone took (0: none)."""
         if itl_s is not None:
             self.itl.observe(itl_s)
+        if decode_s:
+            self.decode.observe(decode_s)
         for value in ttfts_s:
             self.ttft.observe(value)
         self._running = max(self._running, running)
@@ -123,13 +140,11 @@ class AdaptiveController:
 
     def _decide(self, lag: int) -> str:
         s = self.settings
+        if self.itl.seen < min(s.min_itl_samples, self.itl.size):
+            return "measuring"
         itl, ttft = self.itl.p95, self.ttft.p95
-        if self.itl.seen and itl > s.itl_target_s * s.margin:
-            self.admit_size = max(s.admit_min, int(self.admit_size * s.decrease))
-            # Below the batch that was too slow, not below a cap it never reached.
-            biggest = min(self.running_cap, self._running or self.running_cap)
-            self.running_cap = max(s.admit_min, int(biggest * s.decrease))
-            return "itl_over_target"
+        if itl > s.itl_target_s * s.margin:
+            return self._cut_for_itl()
         if self.ttft.seen and ttft > s.ttft_target_s * s.margin:
             self.window_s = max(s.window_min_s, self.window_s * s.decrease)
             return "ttft_over_target"
@@ -144,3 +159,18 @@ class AdaptiveController:
             self.window_s = max(s.window_min_s, self.window_s - s.window_step_s)
             return "slack"
         return "within_band"
+
+    def _cut_for_itl(self) -> str:
+        s = self.settings
+        # Smaller prefills interrupt the running batch for less time.
+        self.admit_size = max(s.admit_min, int(self.admit_size * s.decrease))
+        reason = "itl_over_target"  # prefills, not the batch, are to blame ...
+        if self.decode.p95 > s.itl_target_s * s.slack:
+            # ... unless decoding alone is slow: cap the batch below the size that was too
+            # slow, not below a cap it never reached.
+            biggest = min(self.running_cap, self._running or self.running_cap)
+            self.running_cap = max(s.admit_min, int(biggest * s.decrease))
+            reason = "itl_over_target_batch"
+        self.itl.clear()
+        self.decode.clear()
+        return reason

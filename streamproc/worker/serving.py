@@ -151,7 +151,7 @@ class ServingLoop:
                          batch: int) -> None:
         if self._controller is None:
             return
-        self._controller.observe_step(itl_s, ttfts_s, batch)
+        self._controller.observe_step(itl_s, ttfts_s, batch, self._engine.last_decode_s)
         adjustment = self._controller.adjust(self._lag())
         if adjustment is not None:
             self._stats.window_changes[adjustment.reason] += 1
