@@ -80,6 +80,17 @@ def test_greedy_output_survives_cache_growth_and_long_late_prompts(
             loaded_model, r.prompt_ids, r.max_new_tokens), r.request_id
 
 
+def test_warm_up_leaves_the_engine_empty_and_output_unchanged(
+        loaded_model: LoadedModel) -> None:
+    engine = Engine(loaded_model)
+    engine.warm_up()
+    assert engine.num_running == 0
+    assert engine.kv_tokens == 0
+    request = prepared("after", [5, 6, 7, 8], 12)
+    events = run_to_completion(engine, [[request]])
+    assert tokens(events["after"]) == reference_tokens(loaded_model, [5, 6, 7, 8], 12)
+
+
 def test_every_request_ends_with_exactly_one_outcome(loaded_model: LoadedModel) -> None:
     requests = [prepared(f"r{i}", [5 + i] * (i + 1), 4 + i) for i in range(6)]
     events = run_to_completion(Engine(loaded_model), [requests])

@@ -16,6 +16,7 @@ from transformers import Cache, DynamicCache
 from streamproc.engine.kvbatch import SlotBatch
 from streamproc.engine.loader import LoadedModel
 from streamproc.engine.sequence import PreparedRequest, Sequence, TokenEvent, unserved_event
+from streamproc.wire import GenerationParams, GenerationRequest
 
 
 class Engine:
@@ -37,6 +38,18 @@ class Engine:
     def kv_tokens(self) -> int:
         """Cache positions holding real tokens, over the running batch."""
         return int(self._batch.mask.sum().item()) if self._batch is not None else 0
+
+    def warm_up(self) -> None:
+        """A throwaway prefill and decode, so the first real request does not pay for the
+        first forward pass (lazy initialization in torch and the model code)."""
+        request = GenerationRequest(request_id="warm-up", prompt="warm up",
+                                    params=GenerationParams(max_new_tokens=2, ignore_eos=True))
+        ids = list(self._loaded.tokenizer("warm up").input_ids) or [self._loaded.pad_id]
+        prepared = PreparedRequest(request, ids, 2, time.time())
+        self.step([prepared])
+        while self._running:
+            self.step([])
+        self.reset()
 
     def reset(self) -> None:
         """Forget every running sequence (after a failed step)."""
