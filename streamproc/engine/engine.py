@@ -8,6 +8,7 @@ and owned by one thread; the worker calls it off the event loop.
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
@@ -23,6 +24,10 @@ class Engine:
     def __init__(self, loaded: LoadedModel) -> None:
         self._loaded = loaded
         self._model = loaded.model
+        # Only the last position's logits are sampled from: a prefill need not project
+        # every prompt token onto the vocabulary (generate() skips that work too).
+        forward = inspect.signature(self._model.forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self._running: list[Sequence] = []
         self._batch: SlotBatch | None = None
         self.last_prefill_s = 0.0
@@ -117,6 +122,7 @@ class Engine:
             past_key_values=cache,
             cache_position=cache_position,
             use_cache=True,
+            **self._last_logits_only,
         )
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
