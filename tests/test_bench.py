@@ -10,8 +10,10 @@ import pytest
 
 from streamproc.bench.chart import draw
 from streamproc.bench.measure import Observation, summarize
+from streamproc.bench.peers import offline_ceiling, offline_engine
 from streamproc.bench.trace import TraceSettings, build
 from streamproc.cli.bench_cmd import table
+from streamproc.engine.loader import LoadedModel
 from streamproc.metrics.stats import percentile
 
 SMALL = TraceSettings(rates=(2.0, 8.0), phase_s=5.0, burst_s=1.0, saturation_requests=20)
@@ -72,3 +74,12 @@ def test_table_and_chart_render_a_report(tmp_path: Path) -> None:
     chart = tmp_path / "chart.png"
     draw(report, chart)
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.model
+def test_offline_rates_come_from_real_generation(loaded_model: LoadedModel) -> None:
+    prompts = ["kafka stream", "token batch latency queue worker"]
+    rates = offline_ceiling(loaded_model, prompts, 4, batch_sizes=(1, 2))
+    assert set(rates) == {"1", "2"}
+    assert all(rate > 0 for rate in rates.values())
+    assert offline_engine(loaded_model, prompts, 4, batch_size=2) > 0

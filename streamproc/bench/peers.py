@@ -23,7 +23,9 @@ from transformers.generation.streamers import BaseStreamer
 from streamproc import kafka, wire
 from streamproc.config import TopicNames
 from streamproc.engine.detokenize import IncrementalDetokenizer
+from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel
+from streamproc.engine.sequence import PreparedRequest
 
 
 class _StepStreamer(BaseStreamer):
@@ -168,3 +170,24 @@ def offline_ceiling(loaded: LoadedModel, prompts: list[str], new_tokens: int,
                                       pad_token_id=loaded.pad_id)
         rates[str(size)] = len(sample) * new_tokens / (time.perf_counter() - started)
     return rates
+
+
+def offline_engine(loaded: LoadedModel, prompts: list[str], new_tokens: int,
+                   batch_size: int) -> float:
+    """Tokens/s of streamproc's engine stepped in a loop with no Kafka, refilling its batch
+    up to ``batch_size`` as sequences finish: the gap between this and the streamproc run
+    is what serving costs; the gap to the ceiling is the engine's own."""
+    params = wire.GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+    sample = (prompts * ((batch_size * 2) // max(1, len(prompts)) + 1))[:batch_size * 2]
+    pending = [PreparedRequest(wire.GenerationRequest(request_id=f"offline-{i}", prompt=p,
+                                                      params=params),
+                               loaded.tokenizer(p).input_ids, new_tokens, time.time())
+               for i, p in enumerate(sample)]
+    engine, generated = Engine(loaded), 0
+    engine.warm_up()
+    started = time.perf_counter()
+    while pending or engine.num_running:
+        free = batch_size - engine.num_running
+        admitted, pending = pending[:free], pending[free:]
+        generated += sum(len(e.token_ids) for e in engine.step(admitted))
+    return generated / (time.perf_counter() - started)

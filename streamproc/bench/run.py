@@ -19,7 +19,7 @@ import msgspec
 
 from streamproc import topics, wire
 from streamproc.bench.measure import Observation, summarize
-from streamproc.bench.peers import offline_ceiling
+from streamproc.bench.peers import offline_ceiling, offline_engine
 from streamproc.bench.serve import READY, Peer, PeerSpec
 from streamproc.bench.trace import Arrival, TraceSettings, build
 from streamproc.client import ResultStream, StreamprocClient
@@ -60,6 +60,11 @@ async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,
     rates = await asyncio.to_thread(offline_ceiling, loaded, [a.prompt for a in trace[:64]],
                                     settings.trace.max_new_tokens, sizes)
     runs["offline_ceiling"] = _ceiling_run(rates)
+    progress("offline engine: streamproc's engine alone, no Kafka")
+    engine_rate = await asyncio.to_thread(offline_engine, loaded, [a.prompt for a in trace[:64]],
+                                          settings.trace.max_new_tokens,
+                                          settings.max_batch_size)
+    runs["offline_engine"] = _ceiling_run({str(settings.max_batch_size): engine_rate})
     return {"runs": runs, "targets": _targets(runs, settings),
             "settings": {"trace": settings.trace.__dict__, "ttft_target_ms":
                          settings.ttft_target_s * 1000, "itl_target_ms":
@@ -209,6 +214,8 @@ def _targets(runs: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
     itl_limit = settings.itl_target_s * 1.2 * 1000
     ratio = {
         "throughput_vs_ceiling": ours["saturated_tokens_per_s"] / ceiling if ceiling else 0.0,
+        "engine_alone_vs_ceiling": (runs["offline_engine"]["tokens_per_s"] / ceiling
+                                    if ceiling else 0.0),
         "throughput_vs_naive": (ours["saturated_tokens_per_s"]
                                 / max(naive["saturated_tokens_per_s"], 1e-9)),
         "ttft_p99_vs_fixed_window": (ours["steady"]["ttft_p99_ms"]

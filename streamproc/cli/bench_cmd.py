@@ -69,7 +69,9 @@ def table(report: dict[str, Any]) -> str:
     runs = report["runs"]
     head = f"{'':<16}" + "".join(f"{label:>11}" for _, label in COLUMNS)
     lines = [head]
-    for name in ("naive", "fixed_window", "streamproc", "offline_ceiling"):
+    for name in ("naive", "fixed_window", "streamproc", "offline_ceiling", "offline_engine"):
+        if name not in runs:
+            continue
         for suffix, figures in [("", runs[name]), (" (burst)", runs[name].get("burst"))]:
             if figures is None:
                 continue

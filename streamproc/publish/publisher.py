@@ -32,7 +32,7 @@ from streamproc.logs import record_context
 
 log = logging.getLogger(__name__)
 OnAcked = Callable[[TopicPartition, int], None]
-StreamKey = tuple[TopicPartition, int]
+StreamKey = tuple[TopicPartition, int, str]
 
 
 @dataclass
@@ -75,7 +75,6 @@ class Publisher:
         self._dead_letter_topic = dead_letter_topic
         self._on_acked = on_acked
         self._coalesce = coalesce
-        # Keyed by record, not request id: two jobs may reuse an id.
         self._streams: dict[StreamKey, _Stream] = {}
         self._partitioner = DefaultPartitioner()
         self._acks: set[asyncio.Task[None]] = set()
@@ -123,14 +122,14 @@ class Publisher:
 
     def forget(self, job: Job) -> None:
         """``job`` was abandoned (its partition moved): drop its stream state."""
-        self._streams.pop(job.key, None)
+        self._streams.pop(_key(job), None)
 
     async def _stream(self, job: Job) -> _Stream:
-        stream = self._streams.get(job.key)
+        stream = self._streams.get(_key(job))
         if stream is None:
             partitions = sorted(await self._producer.partitions_for(job.reply_topic))
             partition = self._partitioner(job.request_id.encode(), partitions, partitions)
-            stream = self._streams[job.key] = _Stream(partition)
+            stream = self._streams[_key(job)] = _Stream(partition)
         return stream
 
     async def _chunk(self, job: Job, stream: _Stream, text: str, tokens: list[int], *,
@@ -150,7 +149,7 @@ class Publisher:
 
     async def _finish(self, job: Job, stream: _Stream,
                       final: wire.FinalMessage | wire.ErrorMessage) -> None:
-        self._streams.pop(job.key, None)
+        self._streams.pop(_key(job), None)
         ack = await self._send(job.reply_topic, job.request_id, final, stream.partition)
         self._track(ack, job.tp, job.offset)
 
@@ -176,3 +175,9 @@ class Publisher:
                           extra=record_context(tp.topic, tp.partition, offset))
             return
         self._on_acked(tp, offset)
+
+
+def _key(job: Job) -> StreamKey:
+    # By record, not request id (two jobs may reuse an id), and by attempt: a record read
+    # again after a rebalance starts a new stream even if an old one was never cleared.
+    return (*job.key, job.attempt)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,7 +45,7 @@ class ServingLoop:
         self._last_token_at: dict[int, float] = {}
         self._abandoned: set[int] = set()
         self._cancelled: set[int] = set()
-        self._outbox: list[tuple[Job, TokenEvent]] = []
+        self._outbox: deque[tuple[Job, TokenEvent]] = deque()
         """What the last step produced, published while the next one runs."""
         self._draining = False
         self._idle = asyncio.Event()
@@ -81,7 +82,8 @@ class ServingLoop:
         for key in keys:
             self._publisher.forget(self._jobs.pop(key))
             self._last_token_at.pop(key, None)
-        self._outbox = [(job, e) for job, e in self._outbox if job.tp not in partitions]
+        # Also what a publish under way has not reached yet: nothing more of theirs goes out.
+        self._outbox = deque((job, e) for job, e in self._outbox if job.tp not in partitions)
         self._abandoned.update(keys)
         return len(keys)
 
@@ -117,7 +119,7 @@ class ServingLoop:
             await self._fail_running(exc)
             return
         self._record_step(events, busy_s)
-        self._outbox = self._settle(events)
+        self._outbox.extend(self._settle(events))
 
     def _timed_step(self, admitted: list[PreparedRequest], abandon: frozenset[int],
                     cancel: frozenset[int]) -> tuple[list[TokenEvent], float]:
@@ -177,8 +179,9 @@ class ServingLoop:
         return settled
 
     async def _send_outbox(self) -> None:
-        outbox, self._outbox = self._outbox, []
-        for job, event in outbox:
+        # Popped one at a time, not taken whole: abandon() may drop entries meanwhile.
+        while self._outbox:
+            job, event = self._outbox.popleft()
             await self._publisher.publish(job, event)
 
     async def _fail_running(self, exc: Exception) -> None:
