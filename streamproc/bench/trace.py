@@ -30,7 +30,7 @@ class TraceSettings:
     """The burst runs at this many times the middle rate..."""
     burst_s: float = 3.0
     """... for this long."""
-    saturation_requests: int = 200
+    saturation_requests: int = 1000
     """Then this many at once, for saturated throughput."""
     gap_s: float = 2.0
     prompt_words: tuple[int, int] = (4, 48)

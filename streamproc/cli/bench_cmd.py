@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--png", type=Path, default=Path("bench-report.png"))
     p.add_argument("--rates", default="2,5,10", help="steady phases, requests/s (2,5,10)")
     p.add_argument("--phase-seconds", type=float, default=10.0)
-    p.add_argument("--saturation", type=int, default=200, help="requests in the last wave")
+    p.add_argument("--saturation", type=int, default=1000,
+                   help="requests in the last wave, all at once (1000): enough that batches "
+                   "run full for a while, not just ramp up and down")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ttft-target-ms", type=float, default=1000.0)
     p.add_argument("--itl-target-ms", type=float, default=100.0)
