@@ -146,7 +146,7 @@ def test_slow_steps_cap_the_running_batch_below_its_size_then_slack_regrows_it()
 
 def test_each_cut_is_judged_on_what_followed_it() -> None:
     # Decisions every 4 steps, but after a cut 16 fresh steps are observed first: slow
-    # steps that already caused a cut do not cause the next one.
+    # steps that already caused a cut do not cause the next one (cuts at steps 4, 20, 36, 52).
     controller = AdaptiveController(replace(SETTINGS, min_itl_samples=16))
     reasons = run(controller, 64, itl=0.5, ttft=0.1, running=64)
     assert reasons.count("itl_over_target_batch") == 4
@@ -171,6 +171,20 @@ def test_policy_admits_nothing_at_the_running_cap() -> None:
     assert capped.running_cap == 5
     assert capped.decide([5] * 6, 1.0, running=5) == BatchDecision(0, None)
     assert capped.decide([5] * 6, 1.0, running=3) == BatchDecision(2, None)
+
+
+def test_without_inter_token_samples_it_still_decides_on_ttft() -> None:
+    # One-token requests have no gaps between tokens: TTFT alone must still steer.
+    controller = AdaptiveController(SETTINGS)
+    controller.window_s = 0.05
+    reasons = []
+    for _ in range(4):
+        controller.observe_step(None, [3.0])
+        adjustment = controller.adjust()
+        if adjustment is not None:
+            reasons.append(adjustment.reason)
+    assert reasons == ["ttft_over_target"]
+    assert controller.window_s == pytest.approx(0.025)
 
 
 def test_decides_only_every_n_steps() -> None:

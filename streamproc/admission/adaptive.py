@@ -114,6 +114,7 @@ class AdaptiveController:
         """Decode-only step time: what the running batch alone costs per token."""
         self._steps = 0
         self._running = 0
+        self._after_cut = False
 
     def observe_step(self, itl_s: float | None, ttfts_s: list[float], running: int = 0,
                      decode_s: float = 0.0) -> None:
@@ -140,8 +141,9 @@ class AdaptiveController:
 
     def _decide(self, lag: int) -> str:
         s = self.settings
-        if self.itl.seen < min(s.min_itl_samples, self.itl.size):
+        if self._after_cut and self.itl.seen < min(s.min_itl_samples, self.itl.size):
             return "measuring"
+        self._after_cut = False
         itl, ttft = self.itl.p95, self.ttft.p95
         if itl > s.itl_target_s * s.margin:
             return self._cut_for_itl()
@@ -173,4 +175,5 @@ class AdaptiveController:
             reason = "itl_over_target_batch"
         self.itl.clear()
         self.decode.clear()
+        self._after_cut = True
         return reason

@@ -57,6 +57,8 @@ class _Stream:
         return seq
 
     def take_held(self, text: str, tokens: list[int]) -> tuple[str, list[int]]:
+        if not self.holding:  # the common case, once per token: no copies
+            return text, tokens
         merged = (self.held_text + text, self.held_tokens + tokens)
         self.held_text, self.held_tokens = "", []
         return merged
