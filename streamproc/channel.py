@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from itertools import islice
 
 from aiokafka import TopicPartition
 
@@ -70,8 +71,10 @@ class WaitingQueue:
                 taken.append(lane.popleft())
         return taken
 
-    def prompt_tokens(self) -> list[int]:
-        return [len(job.prepared.prompt_ids) for lane in self._lanes for job in lane]
+    def prompt_tokens(self, limit: int | None = None) -> list[int]:
+        """Prompt lengths in admission order: the first ``limit`` (all when None)."""
+        heads = (job for lane in self._lanes for job in lane)
+        return [len(job.prepared.prompt_ids) for job in islice(heads, limit)]
 
     def oldest_wait_s(self, now: float) -> float:
         heads = [lane[0].enqueued_at for lane in self._lanes if lane]

@@ -26,10 +26,10 @@ def test_a_backlog_pauses_every_lower_lane() -> None:
     assert lanes_to_pause([0, 0, 9], backlog=4) == set()
 
 
-def job(rid: str, topic: str) -> Job:
+def job(rid: str, topic: str, prompt_ids: tuple[int, ...] = (1, 2)) -> Job:
     request = wire.GenerationRequest(request_id=rid, prompt="p")
-    return Job(PreparedRequest(request, [1, 2], 4, time.time()), TopicPartition(topic, 0), 0,
-               "replies")
+    return Job(PreparedRequest(request, list(prompt_ids), 4, time.time()),
+               TopicPartition(topic, 0), 0, "replies")
 
 
 def test_the_queue_hands_out_higher_lanes_first() -> None:
@@ -42,6 +42,15 @@ def test_the_queue_hands_out_higher_lanes_first() -> None:
     assert [j.request_id for j in queue.take(3)] == ["high-1", "high-2", "low-1"]
     assert [j.request_id for j in queue.drop({TopicPartition("low", 0)})] == ["low-2"]
     assert len(queue) == 0
+
+
+def test_prompt_lengths_come_in_admission_order_up_to_a_limit() -> None:
+    queue = WaitingQueue(lanes=2)
+    queue.put(job("low", "low", (1, 2, 3)), rank=1)
+    queue.put(job("high", "high", (1,)), rank=0)
+    queue.put(job("high-2", "high", (1, 2)), rank=0)
+    assert queue.prompt_tokens() == [1, 2, 3]
+    assert queue.prompt_tokens(limit=2) == [1, 2]
 
 
 @pytest.mark.kafka

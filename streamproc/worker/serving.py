@@ -159,7 +159,8 @@ class ServingLoop:
             self._stats.window_changes[adjustment.reason] += 1
 
     def _decide(self) -> BatchDecision:
-        return self._policy.decide(self._waiting.prompt_tokens(),
+        # No decision looks past one full batch of the queue: do not measure the rest.
+        return self._policy.decide(self._waiting.prompt_tokens(self._policy.running_cap),
                                    self._waiting.oldest_wait_s(time.monotonic()),
                                    self._engine.num_running)
 
