@@ -88,6 +88,22 @@ async def assert_all_served(config: WorkerConfig, loaded: LoadedModel, prompts: 
                                    config.topics.requests) == 0
 
 
+async def outcomes_then_stop(config: WorkerConfig, tasks: list[asyncio.Task[tuple[Result, Seen]]],
+                             worker: WorkerProcess) -> list[tuple[Result, Seen]]:
+    """Every request's outcome; then, with the worker still up, its commits catching up.
+
+    A final can go out just as its partition is revoked: the client has its answer, but the
+    record was not committed, so it is read and served again (the client drops the repeat).
+    The lag reaches 0 once that is done, so it is awaited before the worker stops.
+    """
+    try:
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
+        await wait_for_lag_zero(config.bootstrap, config.group_id, config.topics.requests, 60)
+    finally:
+        await worker.terminate()
+    return outcomes
+
+
 def client_for(config: WorkerConfig) -> StreamprocClient:
     return StreamprocClient(config.bootstrap, request_topic=config.topics.requests[0],
                             reply_topic=config.topics.responses)
@@ -107,10 +123,7 @@ async def test_kill_9_with_200_in_flight_then_a_new_worker_finishes_them(
         assert sum(not t.done() for t in tasks) > 0, "the crash came too late to matter"
         second = WorkerProcess(worker_config, topics_dir, tmp_path / "second.log")
         await second.start()
-        try:
-            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
-        finally:
-            await second.terminate()
+        outcomes = await outcomes_then_stop(worker_config, tasks, second)
     await assert_all_served(worker_config, loaded_model, prompts, outcomes)
     raw = streams_by_request(await read_topic(worker_config.bootstrap,
                                               worker_config.topics.responses))
@@ -130,10 +143,7 @@ async def test_two_workers_one_leaves_mid_run_the_other_takes_over(
         prompts, tasks, started = await submit_all(client, 200)
         await asyncio.wait_for(started.wait(), 60)
         assert await leaving.terminate() == 0
-        try:
-            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
-        finally:
-            await staying.terminate()
+        outcomes = await outcomes_then_stop(worker_config, tasks, staying)
     await assert_all_served(worker_config, loaded_model, prompts, outcomes)
     assert staying.log.read_text().count("partitions assigned") >= 2  # it took over
 
@@ -157,10 +167,7 @@ async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
             assert sum(not t.done() for t in tasks) > 0, "all done before the outage"
             await asyncio.sleep(10)
             await asyncio.to_thread(localkafka.restart_broker, state_dir)
-            try:
-                outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
-            finally:
-                await worker.terminate()
+            outcomes = await outcomes_then_stop(config, tasks, worker)
         await assert_all_served(config, loaded_model, prompts, outcomes)
     finally:
         await asyncio.to_thread(localkafka.stop, state_dir)
