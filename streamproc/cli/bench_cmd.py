@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="benchmark against naive and fixed-window peers",
                        description="Replay one arrival trace (steady Poisson phases, a 10x "
                        "burst, a saturation wave) through real Kafka against a naive worker, "
-                       "a fixed-window micro-batcher and streamproc, then measure offline "
-                       "generate() as the ceiling. Writes a JSON report and a PNG chart.")
+                       "a fixed-window micro-batcher and streamproc, each in its own process, "
+                       "then measure offline generate() as the ceiling and streamproc's engine "
+                       "alone, both without Kafka. Writes a JSON report and a PNG chart.")
     add_bootstrap(p)
     p.add_argument("--model", help="model (default: the tiny local model)")
     p.add_argument("--json", type=Path, default=Path("bench-report.json"))
