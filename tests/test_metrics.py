@@ -53,7 +53,11 @@ async def test_collector_exposes_outcomes_latencies_gauges_and_lag(
     completed = sum(sample_value(text, "streamproc_requests_total", f'{{outcome="{o}"}}')
                     for o in ("length", "stop") if f'outcome="{o}"' in text)
     assert completed == 6
-    assert sample_value(text, "streamproc_generated_tokens_total") >= 6
+    generated = sample_value(text, "streamproc_generated_tokens_total")
+    assert generated >= 6
+    chunks = sample_value(text, "streamproc_chunks_published_total")
+    assert 6 <= chunks <= generated  # at least one chunk per request, at most one per token
+    assert sample_value(text, "streamproc_chunk_tokens_published_total") == generated
     for name in HISTOGRAMS:
         assert sample_value(text, f"streamproc_{name}_count") > 0, name
     ttft_sum = sample_value(text, "streamproc_time_to_first_token_seconds_sum")

@@ -79,6 +79,11 @@ class WorkerCollector(Collector):
         yield outcomes
         yield CounterMetricFamily("streamproc_generated_tokens", "Tokens generated.",
                                   value=self._stats.tokens_generated)
+        yield CounterMetricFamily("streamproc_chunks_published", "Token chunks published.",
+                                  value=self._stats.chunks_published)
+        yield CounterMetricFamily("streamproc_chunk_tokens_published",
+                                  "Tokens in published chunks (per chunk: how much coalescing "
+                                  "merged).", value=self._stats.chunk_tokens_published)
         changes = CounterMetricFamily("streamproc_window_adjustments",
                                       "Adaptive-window decisions, by reason.", labels=["reason"])
         for reason, count in sorted(self._stats.window_changes.items()):

@@ -90,6 +90,9 @@ class WorkerStats:
 
     rate: RateMeter = field(default_factory=RateMeter)
     tokens_generated: int = 0
+    chunks_published: int = 0
+    chunk_tokens_published: int = 0
+    """Tokens in those chunks: over ``chunks_published``, how much coalescing merged."""
     outcomes: Counter[str] = field(default_factory=Counter)
     ttft: Histogram = field(default_factory=_latency)
     e2e: Histogram = field(default_factory=_latency)

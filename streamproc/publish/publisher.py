@@ -29,6 +29,7 @@ from streamproc import wire
 from streamproc.channel import Job
 from streamproc.engine.sequence import TokenEvent
 from streamproc.logs import record_context
+from streamproc.metrics.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 OnAcked = Callable[[TopicPartition, int], None]
@@ -70,13 +71,15 @@ class _Stream:
 
 class Publisher:
     def __init__(self, producer: AIOKafkaProducer, dead_letter_topic: str,
-                 on_acked: OnAcked, *, coalesce: bool = True) -> None:
+                 on_acked: OnAcked, *, coalesce: bool = True,
+                 stats: WorkerStats | None = None) -> None:
         """``coalesce``: merge a stream's tokens while its previous chunk is unacknowledged
         (False: one chunk per step, whatever Kafka's pace)."""
         self._producer = producer
         self._dead_letter_topic = dead_letter_topic
         self._on_acked = on_acked
         self._coalesce = coalesce
+        self._stats = stats or WorkerStats()
         self._streams: dict[StreamKey, _Stream] = {}
         self._partitioner = DefaultPartitioner()
         self._acks: set[asyncio.Task[None]] = set()
@@ -146,6 +149,8 @@ class Publisher:
                                 stream.tokens_sent, stream.text_sent)
         stream.tokens_sent += len(tokens)
         stream.text_sent += len(text)
+        self._stats.chunks_published += 1
+        self._stats.chunk_tokens_published += len(tokens)
         stream.in_flight = await self._send(job.reply_topic, job.request_id, chunk,
                                             stream.partition)
 

@@ -59,7 +59,7 @@ class Worker:
                                         group_id=config.group_id,
                                         max_poll_records=config.max_inflight)
         self._publisher = Publisher(self._producer, config.topics.dead_letter, self._done,
-                                    coalesce=config.coalesce)
+                                    coalesce=config.coalesce, stats=self.stats)
         preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
                             config.max_new_tokens_cap, config.topics,
                             max_prompt_tokens=config.max_prompt_tokens)
