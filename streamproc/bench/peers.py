@@ -159,7 +159,7 @@ def offline_ceiling(loaded: LoadedModel, prompts: list[str], new_tokens: int,
     """Tokens/s of ``generate()`` alone (no Kafka) at each batch size; the best is the ceiling."""
     rates: dict[str, float] = {}
     for size in batch_sizes:
-        sample = (prompts * ((size * 2) // max(1, len(prompts)) + 1))[:size * 2]
+        sample = _two_batches(prompts, size)
         started = time.perf_counter()
         for i in range(0, len(sample), size):
             encoded = [loaded.tokenizer(p).input_ids for p in sample[i:i + size]]
@@ -178,7 +178,7 @@ def offline_engine(loaded: LoadedModel, prompts: list[str], new_tokens: int,
     up to ``batch_size`` as sequences finish: the gap between this and the streamproc run
     is what serving costs; the gap to the ceiling is the engine's own."""
     params = wire.GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
-    sample = (prompts * ((batch_size * 2) // max(1, len(prompts)) + 1))[:batch_size * 2]
+    sample = _two_batches(prompts, batch_size)
     pending = [PreparedRequest(wire.GenerationRequest(request_id=f"offline-{i}", prompt=p,
                                                       params=params),
                                loaded.tokenizer(p).input_ids, new_tokens, time.time())
@@ -191,3 +191,8 @@ def offline_engine(loaded: LoadedModel, prompts: list[str], new_tokens: int,
         admitted, pending = pending[:free], pending[free:]
         generated += sum(len(e.token_ids) for e in engine.step(admitted))
     return generated / (time.perf_counter() - started)
+
+
+def _two_batches(prompts: list[str], size: int) -> list[str]:
+    """``2 * size`` prompts, ``prompts`` repeated as often as needed."""
+    return (prompts * ((size * 2) // max(1, len(prompts)) + 1))[:size * 2]

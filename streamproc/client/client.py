@@ -91,6 +91,10 @@ class ResultStream:
     def _fresh_part(self, chunk: wire.TokenChunk) -> wire.TokenChunk | None:
         skip_tokens = self._tokens_seen - chunk.offset
         skip_text = self._text_seen - chunk.text_offset
+        if skip_tokens == 0 and skip_text == 0:  # the common case, once per message
+            self._tokens_seen += len(chunk.token_ids)
+            self._text_seen += len(chunk.text)
+            return chunk
         if skip_tokens < 0 or skip_text < 0:
             log.warning("request %s: chunk at token %d/char %d, expected %d/%d",
                         self.request_id, chunk.offset, chunk.text_offset, self._tokens_seen,
