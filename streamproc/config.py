@@ -144,6 +144,9 @@ class WorkerConfig:
     """Hugging Face hub id or local directory of a causal LM."""
     device: Device = "auto"
     """``auto`` picks CUDA when present, else CPU."""
+    cpu_threads: int = 0
+    """On CPU, torch's kernel threads; 0: one less than the usable cores (at least 1), so
+    consuming and publishing keep a core and never stall the kernels' barriers."""
     max_batch_size: int = 32
     """Most sequences decoding together."""
     max_batch_tokens: int = 4096
@@ -165,7 +168,12 @@ class WorkerConfig:
     max_inflight: int = 256
     """Most requests held by the worker (waiting + running); beyond it fetching pauses."""
     coalesce: bool = True
-    """Merge a stream's new tokens into one chunk while its previous chunk is unacknowledged."""
+    """Merge a stream's new tokens into one chunk while its previous chunk is unacknowledged
+    or went out within the pacing interval (see ``chunk_rate``)."""
+    chunk_rate: float = 2000.0
+    """Chunks per second the worker aims to publish over all its streams: a stream's
+    chunks go out at most every (running streams / chunk_rate) seconds, and never more
+    than half ``itl_target_ms`` apart. 0: no pacing."""
     linger_ms: int = 2
     """How long the producer waits to fill a batch of messages before sending it."""
     lane_backlog: int = 32
@@ -201,6 +209,10 @@ class WorkerConfig:
                              "status_interval_s", "lag_interval_s")
         if self.linger_ms < 0:
             raise ConfigError("linger_ms must be >= 0")
+        if self.chunk_rate < 0:
+            raise ConfigError(f"chunk_rate must be >= 0 (0: no pacing), got {self.chunk_rate}")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"cpu_threads must be >= 0 (0: automatic), got {self.cpu_threads}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be 0 (off) or a port, got {self.metrics_port}")
         if self.batch_window_ms < 0 or self.commit_interval_s <= 0 or self.drain_timeout_s < 0:

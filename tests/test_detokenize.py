@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from streamproc.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from streamproc.engine.detokenize import IncrementalDetokenizer, StopMatcher, direct_decoder
 from streamproc.engine.loader import load_tokenizer
 
 
@@ -39,3 +39,16 @@ def test_incremental_deltas_join_to_the_full_decode(tiny_model_dir: Path) -> Non
     pieces = [detok.push(t) for t in generated] + [detok.flush()]
     assert "".join(pieces) == tokenizer.decode(generated)
     assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.model
+def test_decoding_goes_straight_to_the_rust_tokenizer_only_when_the_text_is_the_same(
+        tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert direct_decoder(tokenizer) is tokenizer.backend_tokenizer
+    ids = tokenizer("a , b . c", add_special_tokens=False).input_ids
+    assert direct_decoder(tokenizer).decode(ids, skip_special_tokens=True) == \
+        tokenizer.decode(ids, skip_special_tokens=True)
+    # Clean-up of spaces happens in the wrapper: keep it where the tokenizer asks for it.
+    tokenizer.clean_up_tokenization_spaces = True
+    assert direct_decoder(tokenizer) is tokenizer

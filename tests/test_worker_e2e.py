@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -165,6 +166,20 @@ async def test_chunks_coalesce_when_kafka_is_behind_and_the_first_token_never_wa
     assert len(firsts) == 12
     assert all(len(m.token_ids) == 1 for m in firsts)  # the first token went out alone
     assert len(chunks) < 12 * 40 / 4  # later tokens were merged, several per chunk
+
+
+async def test_a_chunk_budget_spaces_each_streams_chunks_even_when_kafka_keeps_up(
+        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    # Acknowledgements come back at once (no linger), but 1.2 chunks/s over 12 streams
+    # asks for 10 s between a stream's chunks, held to half the 10 s inter-token target:
+    # 5 s, longer than the whole run. So each stream sends its first token alone, then
+    # everything else with its end.
+    config = replace(worker_config, linger_ms=0, chunk_rate=1.2, itl_target_ms=10_000.0)
+    chunks = await run_coalescing(config, loaded_model)
+    per_stream = Counter(m.request_id for m in chunks)
+    assert len(per_stream) == 12
+    assert max(per_stream.values()) <= 3
+    assert all(len(m.token_ids) == 1 for m in chunks if m.seq == 0)
 
 
 async def test_without_coalescing_every_token_is_its_own_chunk(

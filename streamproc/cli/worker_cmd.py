@@ -12,6 +12,7 @@ from pathlib import Path
 from streamproc.cli.common import add_bootstrap, bootstrap, run, setup_logging
 from streamproc.config import WorkerConfig
 from streamproc.engine.loader import load_model
+from streamproc.engine.threads import apply_serving_threads, usable_cores
 from streamproc.topics import load_specs, topic_names
 from streamproc.worker.app import Worker
 
@@ -25,6 +26,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_bootstrap(p)
     p.add_argument("--model", help="Hugging Face hub id or local model directory (required)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
+    p.add_argument("--cpu-threads", type=int,
+                   help="on CPU, torch kernel threads (default 0: one less than the cores)")
     p.add_argument("--group", dest="group_id", help="consumer group (default: streamproc-workers)")
     p.add_argument("--topics-dir", type=Path, help="topic declarations (default: ./topics)")
     p.add_argument("--max-batch-size", type=int, help="most sequences decoding together (32)")
@@ -37,6 +40,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--window-max-ms", type=float, help="adaptive: longest window (100)")
     p.add_argument("--ttft-target-ms", type=float, help="adaptive: TTFT p95 target (1000)")
     p.add_argument("--itl-target-ms", type=float, help="adaptive: inter-token p95 target (100)")
+    p.add_argument("--chunk-rate", type=float,
+                   help="chunks/s to publish over all streams; a stream's tokens merge for up "
+                   "to streams/rate s, at most half the inter-token target (2000; 0: off)")
     p.add_argument("--max-inflight", type=int, help="most requests held before pausing (256)")
     p.add_argument("--max-new-tokens-cap", type=int, help="cap on max_new_tokens (1024)")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float,
@@ -56,10 +62,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose, args.log_format)
     overrides = {k: getattr(args, k) for k in (
-        "model", "device", "group_id", "max_batch_size", "max_batch_tokens", "batch_window_ms",
-        "batch_policy", "window_min_ms", "window_max_ms", "ttft_target_ms", "itl_target_ms",
-        "max_inflight", "max_new_tokens_cap", "drain_timeout_s", "metrics_port",
-        "metrics_address", "max_prompt_tokens", "allow_unsafe_weights",
+        "model", "device", "cpu_threads", "group_id", "max_batch_size", "max_batch_tokens",
+        "batch_window_ms", "batch_policy", "window_min_ms", "window_max_ms", "ttft_target_ms",
+        "itl_target_ms", "chunk_rate", "max_inflight", "max_new_tokens_cap", "drain_timeout_s",
+        "metrics_port", "metrics_address", "max_prompt_tokens", "allow_unsafe_weights",
         "reply_topic_pattern")}
     config = WorkerConfig.from_env(bootstrap=bootstrap(args), **overrides)
     names = replace(topic_names(load_specs(args.topics_dir)),
@@ -74,6 +80,9 @@ async def serve(config: WorkerConfig) -> int:
                                      allow_unsafe_weights=config.allow_unsafe_weights)
     log.info("model ready on %s (%s), context %d tokens", loaded.device, loaded.dtype,
              loaded.max_context)
+    threads = apply_serving_threads(loaded.device, config.cpu_threads)
+    if threads is not None:
+        log.info("torch uses %d CPU thread(s) of %d usable cores", threads, usable_cores())
     worker = Worker(config, loaded)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

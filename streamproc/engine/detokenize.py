@@ -18,11 +18,22 @@ class Decoder(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
+def direct_decoder(tokenizer: Decoder) -> Decoder:
+    """The Rust tokenizer under a transformers fast tokenizer, where decoding through it
+    gives the same text (no clean-up of spaces): the wrapper's Python costs several
+    times the decode itself, and a stream decodes twice per token. Otherwise
+    ``tokenizer`` itself."""
+    backend: Decoder | None = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return tokenizer
+    return backend
+
+
 class IncrementalDetokenizer:
     """Yields the text each new token adds, holding back incomplete characters."""
 
     def __init__(self, tokenizer: Decoder, prompt_ids: list[int]) -> None:
-        self._tokenizer = tokenizer
+        self._tokenizer = direct_decoder(tokenizer)
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)

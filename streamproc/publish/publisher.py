@@ -7,17 +7,27 @@ would pick it) rather than hashed again for every chunk. The send of every
 message is queued without waiting; only the terminal message's acknowledgement
 is awaited (in the background) before its offset is marked done.
 
-Coalescing: while a stream's previous chunk is still unacknowledged, its new
-tokens are held and merged into its next chunk. When Kafka keeps up, every
-token goes out alone; when the engine outruns it, chunks grow by themselves,
-so publishing never slows decoding. A stream's first chunk never waits, and a
-held token waits at most for that acknowledgement plus one engine step.
+Coalescing: a stream's new tokens are held and merged into its next chunk
+
+* while its previous chunk is still unacknowledged: when the engine outruns
+  Kafka, chunks grow by themselves;
+* while its previous chunk went out less than a pacing interval ago: every chunk
+  costs the worker's interpreter (encoding, the producer's bookkeeping), the
+  broker and every reader about as much as its tokens do, so under load the
+  worker spends a budget of chunks per second across its streams. The interval
+  is the streams' count over that budget — below a step when few streams run,
+  so each token goes out alone — and never more than half the inter-token target.
+
+A stream's first chunk never waits, and a held token waits at most for that
+acknowledgement or interval plus one engine step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,6 +58,8 @@ class _Stream:
     """The send of the stream's last chunk."""
     tokens_sent: int = 0
     text_sent: int = 0
+    sent_at: float = -math.inf
+    """When its last chunk went out (monotonic seconds)."""
 
     @property
     def awaiting_ack(self) -> bool:
@@ -69,16 +81,34 @@ class _Stream:
         return bool(self.held_text or self.held_tokens)
 
 
+@dataclass(frozen=True)
+class ChunkPacing:
+    """How far apart one stream's chunks go out, from a budget of chunks per second."""
+
+    chunks_per_s: float = 0.0
+    """The budget over all streams; 0: no pacing (acknowledgements alone decide)."""
+    max_interval_s: float = 0.0
+    """The longest a stream's tokens are held, whatever the budget."""
+
+    def interval_s(self, streams: int) -> float:
+        if self.chunks_per_s <= 0:
+            return 0.0
+        return min(streams / self.chunks_per_s, self.max_interval_s)
+
+
 class Publisher:
     def __init__(self, producer: AIOKafkaProducer, dead_letter_topic: str,
                  on_acked: OnAcked, *, coalesce: bool = True,
+                 pacing: ChunkPacing = ChunkPacing(),
                  stats: WorkerStats | None = None) -> None:
         """``coalesce``: merge a stream's tokens while its previous chunk is unacknowledged
-        (False: one chunk per step, whatever Kafka's pace)."""
+        or went out less than ``pacing``'s interval ago (False: one chunk per step,
+        whatever Kafka's pace)."""
         self._producer = producer
         self._dead_letter_topic = dead_letter_topic
         self._on_acked = on_acked
         self._coalesce = coalesce
+        self._pacing = pacing
         self._stats = stats or WorkerStats()
         self._streams: dict[StreamKey, _Stream] = {}
         self._partitioner = DefaultPartitioner()
@@ -140,8 +170,8 @@ class Publisher:
     async def _chunk(self, job: Job, stream: _Stream, text: str, tokens: list[int], *,
                      final: bool) -> None:
         text, tokens = stream.take_held(text, tokens)
-        if self._coalesce and stream.awaiting_ack and not final:
-            # Kafka is behind this stream: merge into its next chunk.
+        now = time.monotonic()
+        if self._coalesce and not final and self._hold(stream, now):
             stream.held_text, stream.held_tokens = text, tokens
             return
         # Offsets, not seq, let a reader splice a replay: chunking depends on Kafka's pace.
@@ -149,10 +179,17 @@ class Publisher:
                                 stream.tokens_sent, stream.text_sent)
         stream.tokens_sent += len(tokens)
         stream.text_sent += len(text)
+        stream.sent_at = now
         self._stats.chunks_published += 1
         self._stats.chunk_tokens_published += len(tokens)
         stream.in_flight = await self._send(job.reply_topic, job.request_id, chunk,
                                             stream.partition)
+
+    def _hold(self, stream: _Stream, now: float) -> bool:
+        """Whether ``stream``'s new tokens wait for its next chunk: Kafka is behind it, or
+        its last chunk went out within the pacing interval."""
+        return (stream.awaiting_ack
+                or now - stream.sent_at < self._pacing.interval_s(len(self._streams)))
 
     async def _finish(self, job: Job, stream: _Stream,
                       final: wire.FinalMessage | wire.ErrorMessage) -> None:

@@ -38,7 +38,7 @@ from streamproc.ingest.control import CancelledIds, ControlListener
 from streamproc.ingest.prepare import Preparer
 from streamproc.metrics.prometheus import LiveGauges, WorkerCollector, serve
 from streamproc.metrics.stats import WorkerStats
-from streamproc.publish.publisher import Publisher
+from streamproc.publish.publisher import ChunkPacing, Publisher
 from streamproc.worker.serving import ServingLoop
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,10 @@ class Worker:
         self._consumer = kafka.consumer(config.bootstrap, security=config.security,
                                         group_id=config.group_id,
                                         max_poll_records=config.max_inflight)
+        pacing = ChunkPacing(config.chunk_rate, config.itl_target_ms / 1000 / 2)
         self._publisher = Publisher(self._producer, config.topics.dead_letter, self._done,
-                                    coalesce=config.coalesce, stats=self.stats)
+                                    coalesce=config.coalesce, pacing=pacing,
+                                    stats=self.stats)
         preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
                             config.max_new_tokens_cap, config.topics,
                             max_prompt_tokens=config.max_prompt_tokens)
