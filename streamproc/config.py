@@ -174,8 +174,9 @@ class WorkerConfig:
     """Chunks per second the worker aims to publish over all its streams: a stream's
     chunks go out at most every (running streams / chunk_rate) seconds, and never more
     than half ``itl_target_ms`` apart. 0: no pacing."""
-    linger_ms: int = 2
-    """How long the producer waits to fill a batch of messages before sending it."""
+    linger_ms: int = 0
+    """How long the producer waits to fill a batch of messages before sending it (0:
+    send at once; messages queued while a send is in flight still leave together)."""
     lane_backlog: int = 32
     """Waiting requests in a lane above which fetching from lower lanes pauses."""
     max_inflight_tokens: int = 262_144

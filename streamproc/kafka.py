@@ -19,9 +19,13 @@ def _base(bootstrap: str, security: KafkaSecurity | None) -> dict[str, Any]:
 
 def producer(bootstrap: str, security: KafkaSecurity | None = None,
              **overrides: Any) -> AIOKafkaProducer:
-    """An idempotent producer that waits for all in-sync replicas."""
+    """An idempotent producer that waits for all in-sync replicas.
+
+    No linger by default: a message goes out as soon as the producer is free, and messages
+    queued while a request is in flight still leave together. Waiting to fill batches
+    bought no throughput here and cost the first token 1-2 ms at each hop."""
     options = {**_base(bootstrap, security), "acks": "all", "enable_idempotence": True,
-               "linger_ms": 2, **overrides}
+               "linger_ms": 0, **overrides}
     return AIOKafkaProducer(**options)
 
 
