@@ -30,9 +30,10 @@ def exported_names() -> set[str]:
     """Every sample name a worker exposes, with lag and GPU series present."""
     report = LagReport("g", 0.0, [PartitionLag("t", 0, 5, 3, 1.0, 2.0)],
                        Throughput(10.0, 5.0, 1), 1, "OK")
-    gauges = LiveGauges(1, 2, 3, 4, 5, 0.01, 8, 16, 0, {"allocated": 1})
+    gauges = LiveGauges(1, 2, 3, 4, 5, 0.01, 8, 16, 0.02, 0, {"allocated": 1})
     stats = WorkerStats()
     stats.outcomes["length"] += 1
+    stats.window_changes["itl_over_target"] += 1
     registry = CollectorRegistry()
     registry.register(WorkerCollector(stats, lambda: gauges, lambda: report))
     return {s.name for family in registry.collect() for s in family.samples}
@@ -49,7 +50,7 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     assert referenced(" ".join(exprs)) <= exported_names()
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("lag", "drain", "first token", "inter-token", "throughput", "batch",
-                  "window", "outcome", "health"):
+                  "window", "outcome", "health", "running cap", "tokens per chunk"):
         assert topic in titles, topic
 
 

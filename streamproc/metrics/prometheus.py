@@ -51,6 +51,7 @@ class LiveGauges:
     batch_window_s: float
     admission_size: int
     running_cap: int
+    chunk_interval_s: float
     paused_partitions: int
     gpu_memory_bytes: dict[str, int]
 
@@ -105,6 +106,8 @@ class WorkerCollector(Collector):
             ("batch_window_seconds", "Current admission window.", g.batch_window_s),
             ("admission_size", "Most requests admitted at once now.", g.admission_size),
             ("running_cap", "Most sequences allowed to decode together now.", g.running_cap),
+            ("chunk_interval_seconds", "Least time between a stream's chunks now (pacing).",
+             g.chunk_interval_s),
             ("paused_partitions", "Partitions paused for backpressure.", g.paused_partitions),
         ]:
             yield GaugeMetricFamily(f"streamproc_{name}", doc, value=value)

@@ -114,6 +114,11 @@ class Publisher:
         self._partitioner = DefaultPartitioner()
         self._acks: set[asyncio.Task[None]] = set()
 
+    @property
+    def chunk_interval_s(self) -> float:
+        """The pacing interval for the streams open now."""
+        return self._pacing.interval_s(len(self._streams))
+
     async def publish(self, job: Job, event: TokenEvent) -> None:
         """Send what ``event`` adds to ``job``'s stream."""
         stream = await self._stream(job)
@@ -188,8 +193,7 @@ class Publisher:
     def _hold(self, stream: _Stream, now: float) -> bool:
         """Whether ``stream``'s new tokens wait for its next chunk: Kafka is behind it, or
         its last chunk went out within the pacing interval."""
-        return (stream.awaiting_ack
-                or now - stream.sent_at < self._pacing.interval_s(len(self._streams)))
+        return stream.awaiting_ack or now - stream.sent_at < self.chunk_interval_s
 
     async def _finish(self, job: Job, stream: _Stream,
                       final: wire.FinalMessage | wire.ErrorMessage) -> None:

@@ -197,6 +197,7 @@ class Worker:
             kv_cache_tokens=self.engine.kv_tokens,
             batch_window_s=self.policy.window_s, admission_size=self.policy.admit_size,
             running_cap=self.policy.running_cap,
+            chunk_interval_s=self._publisher.chunk_interval_s,
             paused_partitions=self.ingest.paused_partitions, gpu_memory_bytes=gpu)
 
     async def _lag_loop(self) -> None:
