@@ -57,6 +57,32 @@ def test_greedy_output_equals_generate_whatever_the_batch(loaded_model: LoadedMo
             loaded_model, r.prompt_ids, r.max_new_tokens), r.request_id
 
 
+def test_greedy_output_holds_when_one_step_prefills_in_several_passes(
+        loaded_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short and long prompts admitted together, with a pass so cheap that each length
+    gets its own: the passes join the batch one after another within the step."""
+    rng = random.Random(11)
+    vocab = len(loaded_model.tokenizer)
+    lengths = [2, 60, 3, 45, 1, 70, 20, 5, 33, 64]
+    requests = [prepared(f"p{i}", [rng.randrange(3, vocab) for _ in range(n)],
+                         rng.randrange(1, 20)) for i, n in enumerate(lengths)]
+    engine = Engine(loaded_model)
+    engine.prefill_overhead_tokens = 1.0
+    passes: list[int] = []
+    run_pass = engine._prefill_pass
+
+    def counting_pass(batch: list[PreparedRequest]) -> list[TokenEvent]:
+        passes.append(len(batch))
+        return run_pass(batch)
+
+    monkeypatch.setattr(engine, "_prefill_pass", counting_pass)
+    events = run_to_completion(engine, [requests[:5], [], requests[5:]])
+    assert len(passes) > 2  # the split happened
+    for r in requests:
+        assert tokens(events[r.request_id]) == reference_tokens(
+            loaded_model, r.prompt_ids, r.max_new_tokens), r.request_id
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_greedy_output_survives_cache_growth_and_long_late_prompts(
         loaded_model: LoadedModel, seed: int) -> None:

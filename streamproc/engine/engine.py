@@ -14,6 +14,11 @@ import time
 import torch
 from transformers import Cache, DynamicCache
 
+from streamproc.engine.grouping import (
+    DEFAULT_OVERHEAD_TOKENS,
+    pass_overhead_tokens,
+    prefill_groups,
+)
 from streamproc.engine.kvbatch import SlotBatch
 from streamproc.engine.loader import LoadedModel
 from streamproc.engine.sequence import PreparedRequest, Sequence, TokenEvent, unserved_event
@@ -34,6 +39,9 @@ class Engine:
         """Seconds the last step spent in prefill (0 when it admitted nothing)."""
         self.last_decode_s = 0.0
         """Seconds the last step spent decoding the running batch (0 when it was empty)."""
+        self.prefill_overhead_tokens = DEFAULT_OVERHEAD_TOKENS
+        """What one more prefill pass costs, in padded prompt tokens (see
+        :mod:`streamproc.engine.grouping`); measured by :meth:`warm_up`."""
 
     @property
     def num_running(self) -> int:
@@ -55,6 +63,22 @@ class Engine:
         while self._running:
             self.step([])
         self.reset()
+        self.prefill_overhead_tokens = self._measure_pass_overhead(request, ids[0])
+
+    def _measure_pass_overhead(self, request: GenerationRequest, token: int) -> float:
+        """Time a small and a large prefill (best of three each) on this model and device."""
+        def best_of_three(rows: int, width: int) -> float:
+            batch = [PreparedRequest(request, [token] * width, 1, time.time())] * rows
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                self.step(batch)
+                times.append(time.perf_counter() - started)
+                self.reset()
+            return min(times)
+        small, large = (1, 16), (16, 64)
+        return pass_overhead_tokens(best_of_three(*small), best_of_three(*large),
+                                    small[0] * small[1], large[0] * large[1])
 
     def reset(self) -> None:
         """Forget every running sequence (after a failed step)."""
@@ -100,6 +124,14 @@ class Engine:
         return events
 
     def _prefill(self, prepared: list[PreparedRequest]) -> list[TokenEvent]:
+        """One pass per group of similar prompt lengths, so little compute goes to padding."""
+        lengths = [len(p.prompt_ids) for p in prepared]
+        events = []
+        for group in prefill_groups(lengths, self.prefill_overhead_tokens):
+            events += self._prefill_pass([prepared[i] for i in group])
+        return events
+
+    def _prefill_pass(self, prepared: list[PreparedRequest]) -> list[TokenEvent]:
         ids, mask = self._left_padded([p.prompt_ids for p in prepared])
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()
