@@ -194,7 +194,7 @@ class Worker:
         return LiveGauges(
             running=self.serving.running, waiting=len(self.waiting),
             inflight_requests=self.budget.requests, inflight_tokens=self.budget.tokens,
-            kv_cache_tokens=self.engine.kv_tokens,
+            kv_cache_tokens=self.serving.kv_tokens,
             batch_window_s=self.policy.window_s, admission_size=self.policy.admit_size,
             running_cap=self.policy.running_cap,
             chunk_interval_s=self._publisher.chunk_interval_s,

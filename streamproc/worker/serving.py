@@ -2,8 +2,10 @@
 
 The forward pass runs on a dedicated thread so Kafka I/O on the event loop
 never waits behind the model. The loop is pipelined: while step N+1 runs on
-that thread, the event loop publishes what step N produced, so the cost of
-publishing overlaps the model instead of adding to every step.
+that thread, the event loop publishes what step N produced and records its
+statistics (feeding the controller), so that work overlaps the model instead of
+adding to every step. Between two steps the loop does only what the next one
+needs: retire finished jobs, decide, admit.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from aiokafka import TopicPartition
 
@@ -26,6 +29,21 @@ from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import Publisher
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One engine step's output, captured on the engine thread as the step ends (the
+    engine's own fields change with the next step)."""
+
+    events: list[TokenEvent]
+    busy_s: float
+    prefill_s: float
+    decode_s: float
+    kv_tokens: int
+    ended: float
+    """Monotonic seconds."""
+    ended_wall: float
 
 
 class ServingLoop:
@@ -47,6 +65,10 @@ class ServingLoop:
         self._cancelled: set[int] = set()
         self._outbox: deque[tuple[Job, TokenEvent]] = deque()
         """What the last step produced, published while the next one runs."""
+        self._unrecorded: tuple[_Step, int] | None = None
+        """The last step and the jobs it ran with, recorded while the next one runs."""
+        self.kv_tokens = 0
+        """Real tokens in the KV cache after the last step (a plain int, for gauges)."""
         self._draining = False
         self._idle = asyncio.Event()
 
@@ -60,6 +82,7 @@ class ServingLoop:
             while not (self._draining and not self._jobs):
                 await self._iterate()
             await self._send_outbox()
+            self._record_last()
         finally:
             self._idle.set()
 
@@ -101,6 +124,7 @@ class ServingLoop:
         admitted = [] if self._draining else self._waiting.take(decision.admit)
         if not admitted and not self._jobs and not self._abandoned and not self._cancelled:
             await self._send_outbox()
+            self._record_last()
             if not self._draining:
                 await self._waiting.wait_for_arrival(decision.wait_s)
             return
@@ -113,47 +137,60 @@ class ServingLoop:
         step = asyncio.get_running_loop().run_in_executor(
             self._executor, self._timed_step, [j.prepared for j in admitted], abandon, cancel)
         await self._send_outbox()  # the previous step's tokens, while this one computes
+        self._record_last()
         try:
-            events, busy_s = await step
+            done = await step
         except Exception as exc:
             await self._fail_running(exc)
             return
-        self._record_step(events, busy_s)
-        self._outbox.extend(self._settle(events))
+        self._unrecorded = (done, len(self._jobs))
+        self.kv_tokens = done.kv_tokens
+        self._outbox.extend(self._settle(done.events))
 
     def _timed_step(self, admitted: list[PreparedRequest], abandon: frozenset[int],
-                    cancel: frozenset[int]) -> tuple[list[TokenEvent], float]:
+                    cancel: frozenset[int]) -> _Step:
+        engine = self._engine
         started = time.monotonic()
-        events = self._engine.step(admitted, abandon, cancel)
-        return events, time.monotonic() - started
+        events = engine.step(admitted, abandon, cancel)
+        ended = time.monotonic()
+        return _Step(events, ended - started, engine.last_prefill_s, engine.last_decode_s,
+                     engine.kv_tokens, ended, time.time())
 
-    def _record_step(self, events: list[TokenEvent], busy_s: float) -> None:
-        stats, engine = self._stats, self._engine
-        stats.step(sum(len(e.token_ids) for e in events), busy_s)
-        if engine.last_prefill_s:
-            stats.prefill.observe(engine.last_prefill_s)
-        if engine.last_decode_s:
-            stats.decode_step.observe(engine.last_decode_s)
-        stats.batch_sequences.observe(len(self._jobs))
-        stats.batch_tokens.observe(engine.kv_tokens)
-        now, wall = time.monotonic(), time.time()
+    def _record_last(self) -> None:
+        """Statistics and controller feedback of the last step, if not yet recorded."""
+        if self._unrecorded is None:
+            return
+        (done, jobs), self._unrecorded = self._unrecorded, None
+        stats = self._stats
+        stats.step(sum(len(e.token_ids) for e in done.events), done.busy_s)
+        if done.prefill_s:
+            stats.prefill.observe(done.prefill_s)
+        if done.decode_s:
+            stats.decode_step.observe(done.decode_s)
+        stats.batch_sequences.observe(jobs)
+        stats.batch_tokens.observe(done.kv_tokens)
         gaps, firsts = [], []
-        for event in events:
+        for event in done.events:
             key = id(event.source)
             previous = self._last_token_at.get(key)
             if event.token_ids and previous is not None:
-                gaps.append(now - previous)
-                stats.inter_token.observe(now - previous)
+                gaps.append(done.ended - previous)
+                stats.inter_token.observe(done.ended - previous)
             elif event.token_ids:
-                firsts.append(wall - event.source.origin_ts)
-            self._last_token_at[key] = now
-        self._feed_controller(max(gaps, default=None), firsts, len(self._jobs))
+                firsts.append(done.ended_wall - event.source.origin_ts)
+            # Only jobs still running are remembered: finished or abandoned ones left
+            # self._jobs already, and their entry must not come back.
+            if key in self._jobs:
+                self._last_token_at[key] = done.ended
+            else:
+                self._last_token_at.pop(key, None)
+        self._feed_controller(max(gaps, default=None), firsts, jobs, done.decode_s)
 
     def _feed_controller(self, itl_s: float | None, ttfts_s: list[float],
-                         batch: int) -> None:
+                         batch: int, decode_s: float) -> None:
         if self._controller is None:
             return
-        self._controller.observe_step(itl_s, ttfts_s, batch, self._engine.last_decode_s)
+        self._controller.observe_step(itl_s, ttfts_s, batch, decode_s)
         adjustment = self._controller.adjust(self._lag())
         if adjustment is not None:
             self._stats.window_changes[adjustment.reason] += 1
@@ -174,7 +211,6 @@ class ServingLoop:
                 continue
             if event.outcome is not None:
                 del self._jobs[id(event.source)]
-                self._last_token_at.pop(id(event.source), None)
                 self._stats.finished(event.outcome)
             settled.append((job, event))
         return settled
