@@ -47,6 +47,9 @@ class _StepStreamer(BaseStreamer):
         self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
 
 
+BASELINE_LINGER_MS = 2
+
+
 class GeneratePeer:
     def __init__(self, bootstrap: str, topics: TopicNames, loaded: LoadedModel, group: str,
                  *, batch_size: int, window_s: float) -> None:
@@ -56,7 +59,9 @@ class GeneratePeer:
         self._window_s = window_s
         self._consumer: AIOKafkaConsumer = kafka.consumer(bootstrap, *topics.requests,
                                                           group_id=group)
-        self._producer: AIOKafkaProducer = kafka.producer(bootstrap)
+        # A message per token per step: a short linger batches them into fewer produce
+        # requests, which serves these peers better than sending each at once.
+        self._producer: AIOKafkaProducer = kafka.producer(bootstrap, linger_ms=BASELINE_LINGER_MS)
         self._executor = ThreadPoolExecutor(max_workers=1)
         self._task: asyncio.Task[None] | None = None
 
