@@ -59,8 +59,8 @@ class GeneratePeer:
         self._window_s = window_s
         self._consumer: AIOKafkaConsumer = kafka.consumer(bootstrap, *topics.requests,
                                                           group_id=group)
-        # A message per token per step: a short linger batches them into fewer produce
-        # requests, which serves these peers better than sending each at once.
+        # The linger every producer had before streamproc's default became none: the
+        # baselines send a message per token per step, and that change is not theirs.
         self._producer: AIOKafkaProducer = kafka.producer(bootstrap, linger_ms=BASELINE_LINGER_MS)
         self._executor = ThreadPoolExecutor(max_workers=1)
         self._task: asyncio.Task[None] | None = None
