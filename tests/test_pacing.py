@@ -13,7 +13,7 @@ from streamproc.publish.publisher import ChunkPacing
 
 def test_pacing_interval_grows_with_the_streams_sharing_the_budget() -> None:
     pacing = ChunkPacing(chunks_per_s=2000, max_interval_s=0.05)
-    assert pacing.interval_s(8) == pytest.approx(0.004)  # about a step: a token or two a chunk
+    assert pacing.interval_s(8) == pytest.approx(0.004)
     assert pacing.interval_s(64) == pytest.approx(0.032)
     assert pacing.interval_s(1000) == 0.05  # never past the cap
 

@@ -15,8 +15,8 @@ Coalescing: a stream's new tokens are held and merged into its next chunk
   costs the worker's interpreter (encoding, the producer's bookkeeping), the
   broker and every reader about as much as its tokens do, so under load the
   worker spends a budget of chunks per second across its streams. The interval
-  is the streams' count over that budget — about a step when few streams run,
-  a token or two a chunk — and never more than half the inter-token target.
+  is the streams' count over that budget — a few milliseconds when few streams
+  run — and never more than half the inter-token target.
 
 A stream's first chunk never waits, and a held token waits at most for that
 acknowledgement or interval plus one engine step.
