@@ -5,7 +5,7 @@ arrive. When another busy thread or process holds one of those cores — the
 worker's own event loop consuming, detokenizing and publishing, or a broker on
 the same box — every kernel waits for a thread that is not running: on a 2-core
 machine one busy neighbour made a batch-128 decode loop about 3x slower with two
-torch threads, and cost nothing with one. So a worker on CPU leaves one core to
+torch threads, and barely slowed it with one. So a worker on CPU leaves one core to
 its I/O by default.
 """
 

@@ -121,7 +121,7 @@ class Publisher:
 
     async def publish(self, job: Job, event: TokenEvent) -> None:
         """Send what ``event`` adds to ``job``'s stream."""
-        stream = await self._stream(job)
+        stream = self._streams.get(_key(job)) or await self._open_stream(job)
         ending = event.outcome is not None
         if event.token_ids or event.text or (ending and stream.holding):
             await self._chunk(job, stream, event.text, event.token_ids, final=ending)
@@ -133,7 +133,7 @@ class Publisher:
 
     async def fail(self, job: Job, code: str, message: str, retriable: bool = False) -> None:
         """End ``job``'s stream with an error message."""
-        stream = await self._stream(job)
+        stream = self._streams.get(_key(job)) or await self._open_stream(job)
         if stream.holding:  # what was generated goes out before the end
             await self._chunk(job, stream, "", [], final=True)
         await self._finish(job, stream, wire.ErrorMessage(
@@ -164,12 +164,12 @@ class Publisher:
         """``job`` was abandoned (its partition moved): drop its stream state."""
         self._streams.pop(_key(job), None)
 
-    async def _stream(self, job: Job) -> _Stream:
-        stream = self._streams.get(_key(job))
-        if stream is None:
-            partitions = sorted(await self._producer.partitions_for(job.reply_topic))
-            partition = self._partitioner(job.request_id.encode(), partitions, partitions)
-            stream = self._streams[_key(job)] = _Stream(partition)
+    async def _open_stream(self, job: Job) -> _Stream:
+        """State for ``job``'s first message; later ones find it with a plain dict lookup
+        at the call, so publishing an event costs no extra coroutine."""
+        partitions = sorted(await self._producer.partitions_for(job.reply_topic))
+        partition = self._partitioner(job.request_id.encode(), partitions, partitions)
+        stream = self._streams[_key(job)] = _Stream(partition)
         return stream
 
     async def _chunk(self, job: Job, stream: _Stream, text: str, tokens: list[int], *,
