@@ -11,6 +11,7 @@ import pytest
 from streamproc.bench.chart import draw
 from streamproc.bench.measure import Observation, summarize
 from streamproc.bench.peers import offline_ceiling, offline_engine
+from streamproc.bench.run import _timeline
 from streamproc.bench.trace import TraceSettings, build
 from streamproc.cli.bench_cmd import table
 from streamproc.engine.loader import LoadedModel
@@ -47,6 +48,16 @@ def test_summaries_count_losses_and_latencies() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 75) == 3.0  # nearest rank: ceil(0.75 * 4)
     assert percentile([5.0, 1.0, 3.0], 100) == 5.0
     assert percentile([], 95) == 0.0
+
+
+def test_the_timeline_gives_each_answered_request_its_ttft_and_inter_token_p95() -> None:
+    answered = Observation("steady", submitted=1.0, first_token=1.05, finished=2.0, tokens=21,
+                           gaps=[0.01] * 19 + [0.2])
+    late = Observation("burst", submitted=3.0, first_token=3.5, finished=4.0, tokens=1)
+    lost = Observation("burst", submitted=0.5)
+    rows = _timeline([answered, late, lost])
+    assert rows == [[pytest.approx(0.5), pytest.approx(50.0), pytest.approx(10.0)],
+                    [pytest.approx(2.5), pytest.approx(500.0), 0.0]]
 
 
 def fake_run(tokens_per_s: float) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from streamproc.bench.trace import Arrival, TraceSettings, build
 from streamproc.client import ResultStream, StreamprocClient
 from streamproc.config import TopicNames
 from streamproc.engine.loader import LoadedModel
+from streamproc.metrics.stats import percentile
 
 Progress = Callable[[str], None]
 PEERS = ("naive", "fixed_window", "streamproc")
@@ -202,9 +203,8 @@ def _timeline(observations: list[Observation]) -> list[list[float]]:
     for o in observations:
         if o.first_token is None:
             continue
-        gaps = sorted(o.gaps)
-        p95 = gaps[int(0.95 * (len(gaps) - 1))] if gaps else 0.0
-        rows.append([o.submitted - start, (o.first_token - o.submitted) * 1000, p95 * 1000])
+        rows.append([o.submitted - start, (o.first_token - o.submitted) * 1000,
+                     percentile(o.gaps, 95) * 1000])
     return rows
 
 
