@@ -146,7 +146,8 @@ class WorkerConfig:
     """``auto`` picks CUDA when present, else CPU."""
     cpu_threads: int = 0
     """On CPU, torch's kernel threads; 0: one less than the usable cores (at least 1), so
-    consuming and publishing keep a core and never stall the kernels' barriers."""
+    consuming and publishing keep a core and never stall the kernels' barriers. Set by
+    ``Worker.start`` for the whole process (torch has one pool per process)."""
     max_batch_size: int = 32
     """Most sequences decoding together."""
     max_batch_tokens: int = 4096

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
+import torch
 
 from streamproc import kafka, wire
 from streamproc.client import StreamprocClient
@@ -188,3 +189,18 @@ async def test_without_coalescing_every_token_is_its_own_chunk(
                                   loaded_model)
     assert len(chunks) == 12 * 40
     assert all(len(m.token_ids) == 1 for m in chunks)
+
+
+async def test_a_worker_stopped_right_after_start_sized_torchs_pool_and_closes_its_clients(
+        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    """Stopped while its lag monitor may still be connecting: an unclosed client would
+    fail the test (warnings are errors)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    worker = Worker(replace(worker_config, cpu_threads=1), loaded_model)
+    try:
+        await worker.start()
+        assert torch.get_num_threads() == 1
+    finally:
+        await worker.stop()
+        torch.set_num_threads(before)

@@ -12,7 +12,6 @@ from pathlib import Path
 from streamproc.cli.common import add_bootstrap, bootstrap, run, setup_logging
 from streamproc.config import WorkerConfig
 from streamproc.engine.loader import load_model
-from streamproc.engine.threads import apply_serving_threads, usable_cores
 from streamproc.topics import load_specs, topic_names
 from streamproc.worker.app import Worker
 
@@ -80,9 +79,6 @@ async def serve(config: WorkerConfig) -> int:
                                      allow_unsafe_weights=config.allow_unsafe_weights)
     log.info("model ready on %s (%s), context %d tokens", loaded.device, loaded.dtype,
              loaded.max_context)
-    threads = apply_serving_threads(loaded.device, config.cpu_threads)
-    if threads is not None:
-        log.info("torch uses %d CPU thread(s) of %d usable cores", threads, usable_cores())
     worker = Worker(config, loaded)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

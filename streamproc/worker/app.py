@@ -30,6 +30,7 @@ from streamproc.config import WorkerConfig
 from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel, load_tokenizer
 from streamproc.engine.sequence import unserved_event
+from streamproc.engine.threads import apply_serving_threads, usable_cores
 from streamproc.flow.budget import InflightBudget
 from streamproc.flow.checkpoint import Checkpoint
 from streamproc.flow.monitor import LagMonitor, LagReport
@@ -88,6 +89,9 @@ class Worker:
         self._stopped = False
 
     async def start(self) -> None:
+        threads = apply_serving_threads(self._device, self.config.cpu_threads)
+        if threads is not None:
+            log.info("torch uses %d CPU thread(s) of %d usable cores", threads, usable_cores())
         await asyncio.get_running_loop().run_in_executor(None, self.engine.warm_up)
         await self._producer.start()
         await self._consumer.start()
@@ -203,8 +207,9 @@ class Worker:
     async def _lag_loop(self) -> None:
         monitor = LagMonitor(self.config.bootstrap, self.config.group_id, self.config.topics,
                              security=self.config.security)
-        await monitor.start()
         try:
+            # Inside the try: a worker stopped while this still connects must close it too.
+            await monitor.start()
             while True:
                 try:
                     self.lag = await monitor.sample()
