@@ -9,6 +9,7 @@ in a state file so that ``stop`` works from another shell.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -24,6 +25,9 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from aiokafka.client import AIOKafkaClient, CoordinationType
+from aiokafka.errors import KafkaError
 
 from streamproc.errors import LocalKafkaError
 
@@ -151,8 +155,10 @@ def start(state_dir: Path | None = None, *, port: int | None = None,
     state = BrokerState(f"127.0.0.1:{kafka_port}", kafka.pid, zk.pid, str(state_dir),
                         f"127.0.0.1:{sasl_port}" if sasl_port else "")
     _state_file(state_dir).write_text(json.dumps(asdict(state)))
+    deadline = time.monotonic() + timeout_s
     try:
         _wait_ready(state_dir / "kafka.out", kafka, timeout_s)
+        asyncio.run(_wait_for_group_coordinator(state.bootstrap, deadline))
     except LocalKafkaError:
         stop(state_dir)
         raise
@@ -220,6 +226,26 @@ def _wait_ready(log: Path, process: subprocess.Popen[bytes], timeout_s: float) -
             raise LocalKafkaError(f"Kafka exited with {process.returncode}:\n{tail}")
         time.sleep(0.2)
     raise LocalKafkaError(f"Kafka was not ready within {timeout_s:.0f}s; see {log}")
+
+
+async def _wait_for_group_coordinator(bootstrap: str, deadline: float) -> None:
+    """A fresh broker creates its offsets topic at the first group lookup, and until that
+    topic has a leader every consumer group's first join fails (aiokafka logs each such
+    failure as an error). Look one up now, so the broker is ready for groups on return."""
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    try:
+        while True:
+            try:
+                await client.bootstrap()
+                await client.coordinator_lookup(CoordinationType.GROUP, "streamproc-ready")
+                return
+            except KafkaError as exc:
+                if not exc.retriable or time.monotonic() > deadline:
+                    raise LocalKafkaError(f"Kafka's group coordinator is not available: "
+                                          f"{exc}") from exc
+                await asyncio.sleep(0.1)
+    finally:
+        await client.close()
 
 
 def stop_broker_only(state_dir: Path, timeout_s: float = 30.0) -> None:

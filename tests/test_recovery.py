@@ -160,6 +160,8 @@ async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
         worker = WorkerProcess(config, write_topics_file(tmp_path / "topics", config.topics),
                                tmp_path / "worker.log", "--max-batch-size", "4")
         await worker.start()
+        # The first group on a fresh local broker joins without a coordinator error.
+        assert "GroupCoordinatorNotAvailable" not in worker.log.read_text()
         async with client_for(config) as client:
             prompts, tasks, started = await submit_all(client, 40)
             await asyncio.wait_for(started.wait(), 60)
