@@ -80,6 +80,8 @@ class Worker:
         self._control = ControlListener(
             kafka.consumer(config.bootstrap, security=config.security, group_id=None),
             config.topics.control, self.cancel)
+        self._monitor = LagMonitor(config.bootstrap, config.group_id, config.topics,
+                                   security=config.security)
         self.registry = CollectorRegistry()
         self.registry.register(WorkerCollector(self.stats, self.gauges, lambda: self.lag))
         self.lag: LagReport | None = None
@@ -97,6 +99,9 @@ class Worker:
         await self._consumer.start()
         control = self.config.topics.control
         await self._control.start(await self._producer.partitions_for(control))
+        # Started here, not in its loop: a stop that cancelled the loop while the monitor
+        # still connected would leave its connection open.
+        await self._monitor.start()
         self._consumer.subscribe(list(self.config.topics.requests), listener=_Revoke(self))
         self._tasks = {
             "ingest": asyncio.create_task(self.ingest.run(), name="ingest"),
@@ -141,6 +146,7 @@ class Worker:
         await _cancel(self._tasks.pop("commit", None))
         await _cancel(self._tasks.pop("status", None))
         await _cancel(self._tasks.pop("lag", None))
+        await self._monitor.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -205,19 +211,12 @@ class Worker:
             paused_partitions=self.ingest.paused_partitions, gpu_memory_bytes=gpu)
 
     async def _lag_loop(self) -> None:
-        monitor = LagMonitor(self.config.bootstrap, self.config.group_id, self.config.topics,
-                             security=self.config.security)
-        try:
-            # Inside the try: a worker stopped while this still connects must close it too.
-            await monitor.start()
-            while True:
-                try:
-                    self.lag = await monitor.sample()
-                except KafkaError as exc:
-                    log.warning("lag not refreshed: %s", exc)
-                await asyncio.sleep(self.config.lag_interval_s)
-        finally:
-            await monitor.stop()
+        while True:
+            try:
+                self.lag = await self._monitor.sample()
+            except KafkaError as exc:
+                log.warning("lag not refreshed: %s", exc)
+            await asyncio.sleep(self.config.lag_interval_s)
 
     def _done(self, tp: TopicPartition, offset: int) -> None:
         self.checkpoint.done(tp, offset)
