@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from streamproc.bench.chart import draw
 from streamproc.bench.measure import Observation, summarize
@@ -94,3 +95,10 @@ def test_offline_rates_come_from_real_generation(loaded_model: LoadedModel) -> N
     assert set(rates) == {"1", "2"}
     assert all(rate > 0 for rate in rates.values())
     assert offline_engine(loaded_model, prompts, 4, batch_size=2) > 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert offline_engine(loaded_model, prompts, 4, batch_size=2, threads=1) > 0
+        assert torch.get_num_threads() == 2  # one thread for that run only
+    finally:
+        torch.set_num_threads(threads)

@@ -178,19 +178,30 @@ def offline_ceiling(loaded: LoadedModel, prompts: list[str], new_tokens: int,
 
 
 def offline_engine(loaded: LoadedModel, prompts: list[str], new_tokens: int,
-                   batch_size: int) -> float:
+                   batch_size: int, threads: int | None = None) -> float:
     """Tokens/s of streamproc's engine stepped in a loop with no Kafka, refilling its batch
     up to ``batch_size`` as sequences finish: the gap between this and the streamproc run
-    is what serving costs; the gap to the ceiling is the engine's own."""
+    is what serving costs; the gap to the ceiling is the engine's own. ``threads``: torch's
+    CPU threads for this run only (default: as they are)."""
     params = wire.GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
     sample = _two_batches(prompts, batch_size)
     pending = [PreparedRequest(wire.GenerationRequest(request_id=f"offline-{i}", prompt=p,
                                                       params=params),
                                loaded.tokenizer(p).input_ids, new_tokens, time.time())
                for i, p in enumerate(sample)]
-    engine, generated = Engine(loaded), 0
+    before = torch.get_num_threads()
+    # Set on the thread that runs the kernels: that is where torch's pool size applies.
+    torch.set_num_threads(threads or before)
+    try:
+        return _step_until_done(Engine(loaded), pending, batch_size)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _step_until_done(engine: Engine, pending: list[PreparedRequest], batch_size: int) -> float:
+    """Tokens generated per second, keeping the batch full while any wait."""
     engine.warm_up()
-    started = time.perf_counter()
+    generated, started = 0, time.perf_counter()
     while pending or engine.num_running:
         free = batch_size - engine.num_running
         admitted, pending = pending[:free], pending[free:]

@@ -16,6 +16,8 @@ from streamproc.cli.demo_cmd import local_broker, tiny_model
 from streamproc.config import bootstrap_from_env
 from streamproc.engine.loader import load_model
 
+NAME_WIDTH = 30
+"""Wide enough for every run name, with " (burst)" after the peers'."""
 COLUMNS = [("tokens_per_s", "tok/s"), ("saturated_tokens_per_s", "sat tok/s"),
            ("ttft_p50_ms", "ttft p50"), ("ttft_p99_ms", "ttft p99"), ("itl_p50_ms", "itl p50"),
            ("itl_p95_ms", "itl p95"), ("itl_p99_ms", "itl p99"), ("e2e_p99_ms", "e2e p99"),
@@ -70,19 +72,20 @@ def _say(message: str) -> None:
 
 def table(report: dict[str, Any]) -> str:
     runs = report["runs"]
-    head = f"{'':<16}" + "".join(f"{label:>11}" for _, label in COLUMNS)
+    head = f"{'':<{NAME_WIDTH}}" + "".join(f"{label:>11}" for _, label in COLUMNS)
     lines = [head]
-    for name in ("naive", "fixed_window", "streamproc", "offline_ceiling", "offline_engine"):
+    for name in ("naive", "fixed_window", "streamproc", "offline_ceiling", "offline_engine",
+                 "offline_engine_worker_threads"):
         if name not in runs:
             continue
         for suffix, figures in [("", runs[name]), (" (burst)", runs[name].get("burst"))]:
             if figures is None:
                 continue
             cells = "".join(_cell(figures.get(key)) for key, _ in COLUMNS)
-            lines.append(f"{name + suffix:<16}"[:16] + cells)
+            lines.append(f"{name + suffix:<{NAME_WIDTH}}" + cells)
     lines.append("")
     for key, value in report["targets"]["ratios"].items():
-        lines.append(f"{key:<34} {value:10.2f}")
+        lines.append(f"{key:<40} {value:10.2f}")
     for key, ok in report["targets"]["met"].items():
         lines.append(f"{'MET ' if ok else 'MISSED'} {key}")
     return "\n".join(lines)
