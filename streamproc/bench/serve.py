@@ -9,6 +9,7 @@ process prints ``ready`` once it consumes, and stops cleanly on SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 import uuid
@@ -69,6 +70,10 @@ async def serve(spec: PeerSpec) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await peer.start()
+    # As the worker does for itself: what the peer holds from now on (its model, the
+    # imported modules) stays out of full collections, which would stall its event loop.
+    gc.collect()
+    gc.freeze()
     print(READY, flush=True)
     try:
         await stop.wait()
