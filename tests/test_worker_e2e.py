@@ -191,7 +191,7 @@ async def test_without_coalescing_every_token_is_its_own_chunk(
     assert all(len(m.token_ids) == 1 for m in chunks)
 
 
-async def test_a_worker_stopped_right_after_start_sized_torchs_pool_and_closes_its_clients(
+async def test_a_worker_stopped_right_after_start_sizes_torchs_pool_and_closes_its_clients(
         worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
     """Stopped while its lag monitor may still be connecting: an unclosed client would
     fail the test (warnings are errors)."""
