@@ -12,7 +12,7 @@ import torch
 from streamproc.bench.chart import draw
 from streamproc.bench.measure import Observation, summarize
 from streamproc.bench.peers import offline_ceiling, offline_engine
-from streamproc.bench.run import _timeline
+from streamproc.bench.run import BenchSettings, _targets, _timeline
 from streamproc.bench.trace import TraceSettings, build
 from streamproc.cli.bench_cmd import table
 from streamproc.engine.loader import LoadedModel
@@ -67,6 +67,32 @@ def fake_run(tokens_per_s: float) -> dict[str, Any]:
     return {**phase, "saturated_tokens_per_s": tokens_per_s, "completed": 3,
             "burst": dict(phase), "steady": dict(phase),
             "phases": {"steady_2": dict(phase), "steady_8": dict(phase)}}
+
+
+def test_targets_are_ratios_of_runs_measured_side_by_side() -> None:
+    ours, fixed = fake_run(90.0), fake_run(50.0)
+    fixed["steady"]["ttft_p99_ms"] = 240.0  # ours: 60, a quarter of it
+    fixed["burst"]["itl_p95_ms"] = 130.0  # over 1.2 x the 100 ms target; ours: 5
+    runs = {"naive": fake_run(8.0), "fixed_window": fixed, "streamproc": ours,
+            "offline_ceiling": {"tokens_per_s": 100.0, "lost": 0},
+            "offline_engine": {"tokens_per_s": 120.0, "lost": 0},
+            "offline_engine_worker_threads": {"tokens_per_s": 110.0, "lost": 0}}
+    targets = _targets(runs, BenchSettings())
+    assert list(targets["ratios"])[:4] == [
+        "throughput_vs_ceiling", "engine_alone_vs_ceiling",
+        "engine_alone_worker_threads_vs_ceiling", "throughput_vs_naive"]
+    assert targets["ratios"]["throughput_vs_ceiling"] == pytest.approx(0.9)
+    assert targets["ratios"]["engine_alone_worker_threads_vs_ceiling"] == pytest.approx(1.1)
+    assert targets["ratios"]["throughput_vs_naive"] == pytest.approx(11.25)
+    assert targets["ratios"]["ttft_p99_vs_fixed_window"] == pytest.approx(0.25)
+    assert all(targets["met"].values())
+    ours["lost"] = 1
+    del runs["offline_engine_worker_threads"]
+    fixed["burst"]["itl_p95_ms"] = 100.0
+    targets = _targets(runs, BenchSettings())
+    assert "engine_alone_worker_threads_vs_ceiling" not in targets["ratios"]
+    assert not targets["met"]["nothing lost"]
+    assert not targets["met"]["burst itl p95 within 1.2x target (and fixed window not)"]
 
 
 def test_table_and_chart_render_a_report(tmp_path: Path) -> None:
