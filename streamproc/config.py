@@ -194,6 +194,10 @@ class WorkerConfig:
     """How often done offsets are committed."""
     drain_timeout_s: float = 30.0
     """On shutdown, how long running requests may take to finish before being handed back."""
+    close_timeout_s: float = 10.0
+    """On shutdown after the drain, how long flushing, committing and closing the Kafka
+    clients may take in all, so that a broker that is gone cannot keep the worker from
+    exiting (what was not committed is served again by the partitions' next owner)."""
     max_message_bytes: int = 1_000_000
     """Larger request messages go to the dead-letter topic unread."""
     max_prompt_tokens: int = 8192
@@ -217,9 +221,10 @@ class WorkerConfig:
             raise ConfigError(f"cpu_threads must be >= 0 (0: automatic), got {self.cpu_threads}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be 0 (off) or a port, got {self.metrics_port}")
-        if self.batch_window_ms < 0 or self.commit_interval_s <= 0 or self.drain_timeout_s < 0:
-            raise ConfigError("batch_window_ms, drain_timeout_s must be >= 0 and "
-                              "commit_interval_s > 0")
+        if min(self.batch_window_ms, self.drain_timeout_s, self.close_timeout_s) < 0 \
+                or self.commit_interval_s <= 0:
+            raise ConfigError("batch_window_ms, drain_timeout_s, close_timeout_s must be >= 0 "
+                              "and commit_interval_s > 0")
         if self.max_inflight < self.max_batch_size:
             raise ConfigError(
                 f"max_inflight ({self.max_inflight}) must be at least max_batch_size "

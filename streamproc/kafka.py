@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -10,6 +13,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from streamproc.config import KafkaSecurity
 
 CLIENT_ID = "streamproc"
+CLOSE_TIMEOUT_S = 10.0
+"""Default time a client's shutdown (flush, commit, stop) may take with the broker gone."""
+log = logging.getLogger(__name__)
 
 
 def _base(bootstrap: str, security: KafkaSecurity | None) -> dict[str, Any]:
@@ -38,3 +44,26 @@ def consumer(bootstrap: str, *topics: str, security: KafkaSecurity | None = None
 
 def admin(bootstrap: str, security: KafkaSecurity | None = None) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(**_base(bootstrap, security))
+
+
+async def close_within(what: str, step: Awaitable[object], timeout_s: float) -> bool:
+    """Await a shutdown ``step`` (a flush, a commit, a client's stop) for at most
+    ``timeout_s``; False, with a warning, if it had to be given up.
+
+    With the broker unreachable, aiokafka's producer waits forever for messages it cannot
+    deliver, and a consumer's stop can end in a CancelledError of its own fetch task
+    (aiokafka issue 1101, among others): neither may keep a process from exiting.
+    """
+    try:
+        await asyncio.wait_for(step, max(0.0, timeout_s))
+        return True
+    except TimeoutError:
+        log.warning("%s did not finish within %.1fs; is the broker reachable? Going on "
+                    "without it", what, timeout_s)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the caller itself is being cancelled: not ours to swallow
+        log.warning("%s was cut short inside the Kafka client (is the broker reachable?); "
+                    "going on without it", what)
+    return False

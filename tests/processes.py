@@ -50,3 +50,8 @@ class WorkerProcess:
         assert self.process is not None
         self.process.terminate()
         return await asyncio.wait_for(self.process.wait(), timeout_s)
+
+    def kill(self) -> None:
+        """If still running (a test failed midway), end it at once: never leave it behind."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()

@@ -127,7 +127,7 @@ def test_kubernetes_scaling_fits_the_declared_topics_and_config() -> None:
     build_parser().parse_args(container["args"])
     assert "nvidia.com/gpu" in container["resources"]["requests"]
     assert docs["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > \
-        WorkerConfig().drain_timeout_s
+        WorkerConfig().drain_timeout_s + WorkerConfig().close_timeout_s
 
 
 def test_json_logs_carry_the_record_context() -> None:

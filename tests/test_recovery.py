@@ -152,6 +152,7 @@ async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
         tiny_model_dir: Path, loaded_model: LoadedModel, tmp_path: Path) -> None:
     state_dir = tmp_path / "broker"
     broker = await asyncio.to_thread(localkafka.start, state_dir, progress=lambda _: None)
+    worker: WorkerProcess | None = None
     try:
         specs = [replace(s, partitions=2) for s in topics.load_specs()]
         await topics.apply(broker.bootstrap, specs)
@@ -172,4 +173,36 @@ async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
             outcomes = await outcomes_then_stop(config, tasks, worker)
         await assert_all_served(config, loaded_model, prompts, outcomes)
     finally:
+        if worker is not None:
+            worker.kill()
+        await asyncio.to_thread(localkafka.stop, state_dir)
+
+
+async def test_a_worker_whose_broker_is_gone_still_stops_on_sigterm(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Flushing, committing and closing would each wait for the broker forever; the worker
+    gives them --close-timeout in all and exits, leaving the uncommitted to the next owner."""
+    state_dir = tmp_path / "broker"
+    broker = await asyncio.to_thread(localkafka.start, state_dir, progress=lambda _: None)
+    worker: WorkerProcess | None = None
+    try:
+        specs = [replace(s, partitions=2) for s in topics.load_specs()]
+        await topics.apply(broker.bootstrap, specs)
+        config = WorkerConfig(bootstrap=broker.bootstrap, topics=topics.topic_names(specs),
+                              model=str(tiny_model_dir), group_id=f"gone-{uuid.uuid4().hex}")
+        worker = WorkerProcess(config, write_topics_file(tmp_path / "topics", config.topics),
+                               tmp_path / "worker.log", "--drain-timeout", "1",
+                               "--close-timeout", "3")
+        await worker.start()
+        async with client_for(config) as client:
+            _, tasks, started = await submit_all(client, 8)
+            await asyncio.wait_for(started.wait(), 60)
+            await asyncio.to_thread(localkafka.stop_broker_only, state_dir)
+            assert await worker.terminate(timeout_s=30) == 0
+            for task in tasks:
+                task.cancel()
+        assert "Going on without it" in worker.log.read_text()
+    finally:
+        if worker is not None:
+            worker.kill()
         await asyncio.to_thread(localkafka.stop, state_dir)

@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-new-tokens-cap", type=int, help="cap on max_new_tokens (1024)")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float,
                    help="seconds to finish running requests on shutdown (30)")
+    p.add_argument("--close-timeout", dest="close_timeout_s", type=float,
+                   help="then seconds to flush, commit and close the Kafka clients (10)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (8192)")
     p.add_argument("--reply-topic-pattern", help="regex of extra reply topics jobs may name")
     p.add_argument("--allow-unsafe-weights", action="store_true", default=None,
@@ -64,8 +66,8 @@ def _main(args: argparse.Namespace) -> int:
         "model", "device", "cpu_threads", "group_id", "max_batch_size", "max_batch_tokens",
         "batch_window_ms", "batch_policy", "window_min_ms", "window_max_ms", "ttft_target_ms",
         "itl_target_ms", "chunk_rate", "max_inflight", "max_new_tokens_cap", "drain_timeout_s",
-        "metrics_port", "metrics_address", "max_prompt_tokens", "allow_unsafe_weights",
-        "reply_topic_pattern")}
+        "close_timeout_s", "metrics_port", "metrics_address", "max_prompt_tokens",
+        "allow_unsafe_weights", "reply_topic_pattern")}
     config = WorkerConfig.from_env(bootstrap=bootstrap(args), **overrides)
     names = replace(topic_names(load_specs(args.topics_dir)),
                     allowed_reply_pattern=config.reply_topic_pattern)

@@ -159,11 +159,14 @@ class StreamprocClient:
                  group_id: str = "streamproc-workers",
                  status_topic: str = _DEFAULTS.status,
                  control_topic: str = _DEFAULTS.control,
-                 security: KafkaSecurity | None = None) -> None:
+                 security: KafkaSecurity | None = None,
+                 close_timeout_s: float = kafka.CLOSE_TIMEOUT_S) -> None:
         """``admission``: check the lane's lag before each submit (None: never check).
         ``group_id`` and ``status_topic`` say whose lag and throughput to look at.
-        ``security``: SASL/TLS settings (default plaintext); see ``KafkaSecurity``."""
+        ``security``: SASL/TLS settings (default plaintext); see ``KafkaSecurity``.
+        ``close_timeout_s``: how long :meth:`stop` may wait for an unreachable broker."""
         self.request_topic = request_topic
+        self._close_timeout_s = close_timeout_s
         self.reply_topic = reply_topic
         self.control_topic = control_topic
         self._gate = None if admission is None else AdmissionGate(
@@ -212,10 +215,14 @@ class StreamprocClient:
             with suppress(asyncio.CancelledError):
                 await self._reader
             self._reader = None
-        await self._producer.stop()
-        await self._consumer.stop()
+        deadline = time.monotonic() + self._close_timeout_s
+        await kafka.close_within("closing the client's producer", self._producer.stop(),
+                                 deadline - time.monotonic())
+        await kafka.close_within("closing the client's consumer", self._consumer.stop(),
+                                 deadline - time.monotonic())
         if self._gate is not None:
-            await self._gate.stop()
+            await kafka.close_within("closing the client's lag reader", self._gate.stop(),
+                                     deadline - time.monotonic())
 
     async def submit(self, prompt: str | list[wire.ChatMessage], *,
                      params: wire.GenerationParams | None = None, priority: int = 0,

@@ -141,21 +141,28 @@ class Worker:
         log.info("stopping: %d waiting requests handed back, %d running to drain",
                  len(handed_back), self.serving.running)
         await self.serving.drain(self.config.drain_timeout_s)
-        await _cancel(self._tasks.pop("serving", None))
-        await self._publisher.flush()
-        await _cancel(self._tasks.pop("commit", None))
-        await _cancel(self._tasks.pop("status", None))
-        await _cancel(self._tasks.pop("lag", None))
-        await self._monitor.stop()
+        for name in ("serving", "commit", "status", "lag"):
+            await _cancel(self._tasks.pop(name, None))
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        await self.commit()
         self.serving.close()
-        await self._consumer.stop()
-        await self._control.stop()
-        await self._producer.stop()
+        await self._close_kafka()
         log.info("worker stopped")
+
+    async def _close_kafka(self) -> None:
+        """Flush, commit and close the clients within ``close_timeout_s`` in all: with the
+        broker gone each of them would wait for it forever. What is not committed then is
+        served again by the partitions' next owner (at least once)."""
+        deadline = time.monotonic() + self.config.close_timeout_s
+        steps = (("flushing published messages", self._publisher.flush),
+                 ("committing offsets", self.commit),
+                 ("closing the lag monitor", self._monitor.stop),
+                 ("closing the consumer", self._consumer.stop),
+                 ("closing the control listener", self._control.stop),
+                 ("closing the producer", self._producer.stop))
+        for what, step in steps:
+            await kafka.close_within(f"shutdown: {what}", step(), deadline - time.monotonic())
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         offsets = self.checkpoint.committable(only)
