@@ -24,6 +24,9 @@ def test_cross_field_validation() -> None:
         WorkerConfig(max_batch_size=64, max_inflight=16)
     with pytest.raises(ConfigError, match="max_batch_tokens"):
         WorkerConfig(max_batch_tokens=0)
+    with pytest.raises(ConfigError, match="close_timeout_s"):
+        WorkerConfig(close_timeout_s=-1)
+    assert WorkerConfig.from_env({"STREAMPROC_CLOSE_TIMEOUT_S": "2.5"}).close_timeout_s == 2.5
 
 
 def test_bootstrap_from_env_ignores_blank() -> None:
