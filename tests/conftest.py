@@ -18,6 +18,16 @@ from streamproc.engine.loader import LoadedModel, load_model
 from streamproc.engine.tiny import make_tiny_model
 from streamproc.worker.app import Worker
 
+from . import processes
+
+
+@pytest.fixture(autouse=True)
+def no_worker_process_left() -> Iterator[None]:
+    """Kill whatever worker process a test started and did not stop (it failed midway)."""
+    yield
+    while processes.RUNNING:
+        processes.RUNNING.pop().kill()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

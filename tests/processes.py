@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from streamproc.config import TopicNames, WorkerConfig
@@ -24,6 +26,10 @@ def write_topics_file(directory: Path, names: TopicNames) -> Path:
     return directory
 
 
+RUNNING: list[WorkerProcess] = []
+"""Every worker process started, so a test that fails midway leaves none behind."""
+
+
 class WorkerProcess:
     def __init__(self, config: WorkerConfig, topics_dir: Path, log: Path,
                  *extra: str, env: dict[str, str] | None = None) -> None:
@@ -40,6 +46,7 @@ class WorkerProcess:
         with self.log.open("ab") as out:
             self.process = await asyncio.create_subprocess_exec(
                 *self.command, stdout=out, stderr=out, env=self.env)
+        RUNNING.append(self)
         deadline = time.monotonic() + timeout_s
         while "partitions assigned" not in self.log.read_text(errors="replace"):
             assert self.process.returncode is None, self.log.read_text()[-3000:]
@@ -52,6 +59,8 @@ class WorkerProcess:
         return await asyncio.wait_for(self.process.wait(), timeout_s)
 
     def kill(self) -> None:
-        """If still running (a test failed midway), end it at once: never leave it behind."""
+        """If still running (a test failed midway), end it at once: never leave it behind.
+        By pid: the test's event loop, and with it the process handle, may be closed."""
         if self.process is not None and self.process.returncode is None:
-            self.process.kill()
+            with suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)

@@ -152,7 +152,6 @@ async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
         tiny_model_dir: Path, loaded_model: LoadedModel, tmp_path: Path) -> None:
     state_dir = tmp_path / "broker"
     broker = await asyncio.to_thread(localkafka.start, state_dir, progress=lambda _: None)
-    worker: WorkerProcess | None = None
     try:
         specs = [replace(s, partitions=2) for s in topics.load_specs()]
         await topics.apply(broker.bootstrap, specs)
@@ -173,8 +172,6 @@ async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
             outcomes = await outcomes_then_stop(config, tasks, worker)
         await assert_all_served(config, loaded_model, prompts, outcomes)
     finally:
-        if worker is not None:
-            worker.kill()
         await asyncio.to_thread(localkafka.stop, state_dir)
 
 
@@ -184,7 +181,6 @@ async def test_a_worker_whose_broker_is_gone_still_stops_on_sigterm(
     gives them --close-timeout in all and exits, leaving the uncommitted to the next owner."""
     state_dir = tmp_path / "broker"
     broker = await asyncio.to_thread(localkafka.start, state_dir, progress=lambda _: None)
-    worker: WorkerProcess | None = None
     try:
         specs = [replace(s, partitions=2) for s in topics.load_specs()]
         await topics.apply(broker.bootstrap, specs)
@@ -203,6 +199,4 @@ async def test_a_worker_whose_broker_is_gone_still_stops_on_sigterm(
                 task.cancel()
         assert "Going on without it" in worker.log.read_text()
     finally:
-        if worker is not None:
-            worker.kill()
         await asyncio.to_thread(localkafka.stop, state_dir)
