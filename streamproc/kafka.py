@@ -51,8 +51,9 @@ async def close_within(what: str, step: Awaitable[object], timeout_s: float) -> 
     ``timeout_s``; False, with a warning, if it had to be given up.
 
     With the broker unreachable, aiokafka's producer waits forever for messages it cannot
-    deliver, and a consumer's stop can end in a CancelledError of its own fetch task
-    (aiokafka issue 1101, among others): neither may keep a process from exiting.
+    deliver (aiokafka issue 1101), and a consumer's stop can end in a CancelledError of its
+    own fetch task (seen here, in its fetcher's close): neither may keep a process from
+    exiting.
     """
     try:
         await asyncio.wait_for(step, max(0.0, timeout_s))
