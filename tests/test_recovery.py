@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -148,17 +150,30 @@ async def test_two_workers_one_leaves_mid_run_the_other_takes_over(
     assert staying.log.read_text().count("partitions assigned") >= 2  # it took over
 
 
-async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
-        tiny_model_dir: Path, loaded_model: LoadedModel, tmp_path: Path) -> None:
+@asynccontextmanager
+async def own_broker(tmp_path: Path, tiny_model_dir: Path, group: str,
+                     *worker_options: str) -> AsyncIterator[tuple[Path, WorkerConfig,
+                                                                  WorkerProcess]]:
+    """A broker of the test's own (so it can be stopped), topics of 2 partitions, and a
+    worker process serving them, not yet started; the broker is stopped at the end."""
     state_dir = tmp_path / "broker"
     broker = await asyncio.to_thread(localkafka.start, state_dir, progress=lambda _: None)
     try:
         specs = [replace(s, partitions=2) for s in topics.load_specs()]
         await topics.apply(broker.bootstrap, specs)
         config = WorkerConfig(bootstrap=broker.bootstrap, topics=topics.topic_names(specs),
-                              model=str(tiny_model_dir), group_id=f"outage-{uuid.uuid4().hex}")
+                              model=str(tiny_model_dir), group_id=f"{group}-{uuid.uuid4().hex}")
         worker = WorkerProcess(config, write_topics_file(tmp_path / "topics", config.topics),
-                               tmp_path / "worker.log", "--max-batch-size", "4")
+                               tmp_path / "worker.log", *worker_options)
+        yield state_dir, config, worker
+    finally:
+        await asyncio.to_thread(localkafka.stop, state_dir)
+
+
+async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
+        tiny_model_dir: Path, loaded_model: LoadedModel, tmp_path: Path) -> None:
+    async with own_broker(tmp_path, tiny_model_dir, "outage",
+                          "--max-batch-size", "4") as (state_dir, config, worker):
         await worker.start()
         # The first group on a fresh local broker joins without a coordinator error.
         assert "GroupCoordinatorNotAvailable" not in worker.log.read_text()
@@ -171,24 +186,14 @@ async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
             await asyncio.to_thread(localkafka.restart_broker, state_dir)
             outcomes = await outcomes_then_stop(config, tasks, worker)
         await assert_all_served(config, loaded_model, prompts, outcomes)
-    finally:
-        await asyncio.to_thread(localkafka.stop, state_dir)
 
 
 async def test_a_worker_whose_broker_is_gone_still_stops_on_sigterm(
         tiny_model_dir: Path, tmp_path: Path) -> None:
     """Flushing, committing and closing would each wait for the broker forever; the worker
     gives them --close-timeout in all and exits, leaving the uncommitted to the next owner."""
-    state_dir = tmp_path / "broker"
-    broker = await asyncio.to_thread(localkafka.start, state_dir, progress=lambda _: None)
-    try:
-        specs = [replace(s, partitions=2) for s in topics.load_specs()]
-        await topics.apply(broker.bootstrap, specs)
-        config = WorkerConfig(bootstrap=broker.bootstrap, topics=topics.topic_names(specs),
-                              model=str(tiny_model_dir), group_id=f"gone-{uuid.uuid4().hex}")
-        worker = WorkerProcess(config, write_topics_file(tmp_path / "topics", config.topics),
-                               tmp_path / "worker.log", "--drain-timeout", "1",
-                               "--close-timeout", "3")
+    async with own_broker(tmp_path, tiny_model_dir, "gone", "--drain-timeout", "1",
+                          "--close-timeout", "3") as (state_dir, config, worker):
         await worker.start()
         async with client_for(config) as client:
             _, tasks, started = await submit_all(client, 8)
@@ -198,5 +203,3 @@ async def test_a_worker_whose_broker_is_gone_still_stops_on_sigterm(
             for task in tasks:
                 task.cancel()
         assert "Going on without it" in worker.log.read_text()
-    finally:
-        await asyncio.to_thread(localkafka.stop, state_dir)
