@@ -59,7 +59,7 @@ async def close_within(what: str, step: Awaitable[object], timeout_s: float) -> 
         await asyncio.wait_for(step, max(0.0, timeout_s))
         return True
     except TimeoutError:
-        log.warning("%s did not finish within %.1fs; is the broker reachable? Going on "
+        log.warning("%s did not finish within %.1fs (is the broker reachable?); going on "
                     "without it", what, timeout_s)
     except asyncio.CancelledError:
         task = asyncio.current_task()

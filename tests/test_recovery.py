@@ -202,4 +202,5 @@ async def test_a_worker_whose_broker_is_gone_still_stops_on_sigterm(
             assert await worker.terminate(timeout_s=30) == 0
             for task in tasks:
                 task.cancel()
-        assert "Going on without it" in worker.log.read_text()
+        # Either way close_within gave a step up: by its timeout or cut short inside aiokafka.
+        assert "going on without it" in worker.log.read_text()
