@@ -197,7 +197,8 @@ class WorkerConfig:
     close_timeout_s: float = 10.0
     """On shutdown after the drain, how long flushing, committing and closing the Kafka
     clients may take in all, so that a broker that is gone cannot keep the worker from
-    exiting (what was not committed is served again by the partitions' next owner)."""
+    exiting; likewise flushing and committing when partitions are revoked (what was not
+    committed is served again by the partitions' next owner)."""
     max_message_bytes: int = 1_000_000
     """Larger request messages go to the dead-letter topic unread."""
     max_prompt_tokens: int = 8192

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -55,8 +56,9 @@ async def close_within(what: str, step: Awaitable[object], timeout_s: float) -> 
     own fetch task (seen here, in its fetcher's close): neither may keep a process from
     exiting.
     """
+    timeout_s = max(0.0, timeout_s)
     try:
-        await asyncio.wait_for(step, max(0.0, timeout_s))
+        await asyncio.wait_for(step, timeout_s)
         return True
     except TimeoutError:
         log.warning("%s did not finish within %.1fs (is the broker reachable?); going on "
@@ -68,3 +70,12 @@ async def close_within(what: str, step: Awaitable[object], timeout_s: float) -> 
         log.warning("%s was cut short inside the Kafka client (is the broker reachable?); "
                     "going on without it", what)
     return False
+
+
+async def steps_within(steps: Iterable[tuple[str, Callable[[], Awaitable[object]]]],
+                       timeout_s: float) -> None:
+    """Run ``steps`` (what, step) in order, each through :func:`close_within`, with
+    ``timeout_s`` for all of them together."""
+    deadline = time.monotonic() + timeout_s
+    for what, step in steps:
+        await close_within(what, step(), deadline - time.monotonic())

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from streamproc.kafka import close_within
+from streamproc.kafka import close_within, steps_within
 
 
 async def test_a_step_that_never_ends_is_given_up_after_its_time() -> None:
@@ -30,3 +30,19 @@ async def test_a_finished_step_counts_and_a_cancelled_caller_stays_cancelled() -
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
+
+
+async def test_steps_share_one_time_limit(caplog: pytest.LogCaptureFixture) -> None:
+    forever = asyncio.Event()
+    ran = []
+
+    async def quick() -> None:
+        ran.append("quick")
+
+    await steps_within((("first", forever.wait), ("second", forever.wait),
+                        ("third", quick)), 0.3)
+    # The first used up the time: the ones after it are given up at once, not given their own.
+    assert "first did not finish within 0.3s" in caplog.text
+    assert "second did not finish within 0.0s" in caplog.text
+    assert "third did not finish within 0.0s" in caplog.text
+    assert not ran

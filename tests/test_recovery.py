@@ -14,11 +14,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from aiokafka import TopicPartition
 
 from streamproc import localkafka, topics, wire
 from streamproc.client import Result, ResultStream, StreamprocClient
 from streamproc.config import WorkerConfig
 from streamproc.engine.loader import LoadedModel
+from streamproc.worker.app import Worker
 
 from .helpers import read_topic, reference_tokens, streams_by_request, wait_for_lag_zero
 from .processes import WorkerProcess, write_topics_file
@@ -199,8 +201,31 @@ async def test_a_worker_whose_broker_is_gone_still_stops_on_sigterm(
             _, tasks, started = await submit_all(client, 8)
             await asyncio.wait_for(started.wait(), 60)
             await asyncio.to_thread(localkafka.stop_broker_only, state_dir)
+            # Its requests may all be answered and committed by now; a status report (every
+            # 2 s) queued with no broker to take it still leaves a step that cannot finish.
+            await asyncio.sleep(2.5)
             assert await worker.terminate(timeout_s=30) == 0
             for task in tasks:
                 task.cancel()
         # Either way close_within gave a step up: by its timeout or cut short inside aiokafka.
         assert "going on without it" in worker.log.read_text()
+
+
+async def test_partitions_revoked_with_the_broker_gone_are_let_go_within_the_close_timeout(
+        tiny_model_dir: Path, loaded_model: LoadedModel, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A rebalance flushes and commits before letting partitions go; a flush that waits on
+    a broker that is not there would hold up the whole group, so it gets --close-timeout."""
+    async with own_broker(tmp_path, tiny_model_dir, "revoked") as (state_dir, config, _):
+        served = replace(config, device="cpu", close_timeout_s=1, status_interval_s=0.1)
+        worker = Worker(served, loaded_model)
+        await worker.start()
+        try:
+            await asyncio.to_thread(localkafka.stop_broker_only, state_dir)
+            await asyncio.sleep(0.5)  # a status report is now queued that cannot be delivered
+            owned = {TopicPartition(t, p) for t in config.topics.requests for p in range(2)}
+            await asyncio.wait_for(worker.on_revoked(owned), 30)
+        finally:
+            await worker.stop()
+    assert "rebalance: flushing published messages did not finish" in caplog.text \
+        or "rebalance: flushing published messages was cut short" in caplog.text

@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float,
                    help="seconds to finish running requests on shutdown (30)")
     p.add_argument("--close-timeout", dest="close_timeout_s", type=float,
-                   help="then seconds to flush, commit and close the Kafka clients (10)")
+                   help="then seconds to flush, commit and close the Kafka clients; also "
+                        "bounds a rebalance's flush and commit (10)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (8192)")
     p.add_argument("--reply-topic-pattern", help="regex of extra reply topics jobs may name")
     p.add_argument("--allow-unsafe-weights", action="store_true", default=None,

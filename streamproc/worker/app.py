@@ -154,15 +154,14 @@ class Worker:
         """Flush, commit and close the clients within ``close_timeout_s`` in all: with the
         broker gone each of them would wait for it forever. What is not committed then is
         served again by the partitions' next owner (at least once)."""
-        deadline = time.monotonic() + self.config.close_timeout_s
-        steps = (("flushing published messages", self._publisher.flush),
-                 ("committing offsets", self.commit),
-                 ("closing the lag monitor", self._monitor.stop),
-                 ("closing the consumer", self._consumer.stop),
-                 ("closing the control listener", self._control.stop),
-                 ("closing the producer", self._producer.stop))
-        for what, step in steps:
-            await kafka.close_within(f"shutdown: {what}", step(), deadline - time.monotonic())
+        await kafka.steps_within((
+            ("shutdown: flushing published messages", self._publisher.flush),
+            ("shutdown: committing offsets", self.commit),
+            ("shutdown: closing the lag monitor", self._monitor.stop),
+            ("shutdown: closing the consumer", self._consumer.stop),
+            ("shutdown: closing the control listener", self._control.stop),
+            ("shutdown: closing the producer", self._producer.stop),
+        ), self.config.close_timeout_s)
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         offsets = self.checkpoint.committable(only)
@@ -242,8 +241,13 @@ class Worker:
         dropped = self.waiting.drop(revoked)
         abandoned = self.serving.abandon(revoked)
         self.budget.release_partitions(revoked)
-        await self._publisher.flush()
-        await self.commit(revoked)
+        # Bounded as at shutdown: a flush stuck on an unreachable partition leader would
+        # hold up the whole group's rebalance, and past its timeout get this worker expelled.
+        # What is not committed is served again by the new owner (at least once).
+        await kafka.steps_within((
+            ("rebalance: flushing published messages", self._publisher.flush),
+            ("rebalance: committing offsets", lambda: self.commit(revoked)),
+        ), self.config.close_timeout_s)
         self.checkpoint.forget(revoked)
         log.info("partitions revoked: %s; %d waiting and %d running requests handed back",
                  sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked), len(dropped),
