@@ -76,6 +76,7 @@ def test_targets_are_ratios_of_runs_measured_side_by_side() -> None:
     runs = {"naive": fake_run(8.0), "fixed_window": fixed, "streamproc": ours,
             "offline_ceiling": {"tokens_per_s": 100.0, "lost": 0},
             "offline_engine": {"tokens_per_s": 120.0, "lost": 0},
+            "offline_engine_sampled": {"tokens_per_s": 108.0, "lost": 0},
             "offline_engine_worker_threads": {"tokens_per_s": 110.0, "lost": 0}}
     targets = _targets(runs, BenchSettings())
     assert list(targets["ratios"])[:4] == [
@@ -83,14 +84,16 @@ def test_targets_are_ratios_of_runs_measured_side_by_side() -> None:
         "engine_alone_worker_threads_vs_ceiling", "throughput_vs_naive"]
     assert targets["ratios"]["throughput_vs_ceiling"] == pytest.approx(0.9)
     assert targets["ratios"]["engine_alone_worker_threads_vs_ceiling"] == pytest.approx(1.1)
+    assert targets["ratios"]["engine_sampled_vs_greedy"] == pytest.approx(0.9)
     assert targets["ratios"]["throughput_vs_naive"] == pytest.approx(11.25)
     assert targets["ratios"]["ttft_p99_vs_fixed_window"] == pytest.approx(0.25)
     assert all(targets["met"].values())
     ours["lost"] = 1
-    del runs["offline_engine_worker_threads"]
+    del runs["offline_engine_worker_threads"], runs["offline_engine_sampled"]
     fixed["burst"]["itl_p95_ms"] = 100.0
     targets = _targets(runs, BenchSettings())
     assert "engine_alone_worker_threads_vs_ceiling" not in targets["ratios"]
+    assert "engine_sampled_vs_greedy" not in targets["ratios"]
     assert not targets["met"]["nothing lost"]
     assert not targets["met"]["burst itl p95 within 1.2x target (and fixed window not)"]
 
@@ -121,6 +124,8 @@ def test_offline_rates_come_from_real_generation(loaded_model: LoadedModel) -> N
     assert set(rates) == {"1", "2"}
     assert all(rate > 0 for rate in rates.values())
     assert offline_engine(loaded_model, prompts, 4, batch_size=2) > 0
+    assert offline_engine(loaded_model, prompts, 4, batch_size=2, temperature=0.8,
+                          top_p=0.95) > 0
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

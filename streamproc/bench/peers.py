@@ -178,12 +178,14 @@ def offline_ceiling(loaded: LoadedModel, prompts: list[str], new_tokens: int,
 
 
 def offline_engine(loaded: LoadedModel, prompts: list[str], new_tokens: int,
-                   batch_size: int, threads: int | None = None) -> float:
+                   batch_size: int, threads: int | None = None, *,
+                   temperature: float = 0.0, top_p: float = 1.0) -> float:
     """Tokens/s of streamproc's engine stepped in a loop with no Kafka, refilling its batch
     up to ``batch_size`` as sequences finish: the gap between this and the streamproc run
     is what serving costs; the gap to the ceiling is the engine's own. ``threads``: torch's
-    CPU threads for this run only (default: as they are)."""
-    params = wire.GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+    CPU threads for this run only (default: as they are). Greedy unless ``temperature``."""
+    params = wire.GenerationParams(max_new_tokens=new_tokens, ignore_eos=True,
+                                   temperature=temperature, top_p=top_p)
     sample = _two_batches(prompts, batch_size)
     pending = [PreparedRequest(wire.GenerationRequest(request_id=f"offline-{i}", prompt=p,
                                                       params=params),

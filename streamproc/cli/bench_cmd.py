@@ -75,7 +75,7 @@ def table(report: dict[str, Any]) -> str:
     head = f"{'':<{NAME_WIDTH}}" + "".join(f"{label:>11}" for _, label in COLUMNS)
     lines = [head]
     for name in ("naive", "fixed_window", "streamproc", "offline_ceiling", "offline_engine",
-                 "offline_engine_worker_threads"):
+                 "offline_engine_sampled", "offline_engine_worker_threads"):
         if name not in runs:
             continue
         for suffix, figures in [("", runs[name]), (" (burst)", runs[name].get("burst"))]:

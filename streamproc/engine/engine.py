@@ -21,6 +21,7 @@ from streamproc.engine.grouping import (
 )
 from streamproc.engine.kvbatch import SlotBatch
 from streamproc.engine.loader import LoadedModel
+from streamproc.engine.sampling import choose_tokens
 from streamproc.engine.sequence import PreparedRequest, Sequence, TokenEvent, unserved_event
 from streamproc.wire import GenerationParams, GenerationRequest
 
@@ -138,7 +139,7 @@ class Engine:
         cache_position = torch.arange(ids.shape[1], device=self._loaded.device)
         logits = self._forward(ids, cache, mask, positions, cache_position)
         sequences = [
-            Sequence.start(p, self._loaded.tokenizer, self._loaded.device, self._loaded.eos_ids)
+            Sequence.start(p, self._loaded.tokenizer, self._loaded.eos_ids)
             for p in prepared
         ]
         events = self._advance(sequences, logits)
@@ -161,16 +162,11 @@ class Engine:
 
     def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
         now = time.time()
-        # One argmax for the whole batch: per-row calls cost more than the model at small sizes.
-        greedy: list[int] = logits.argmax(dim=-1).tolist()
-        events = []
-        for row, seq in enumerate(sequences):
-            if _past_deadline(seq.prepared, now):
-                events.append(seq.expire(now))
-            else:
-                token = greedy[row] if seq.generator is None else seq.sample(logits[row])
-                events.append(seq.advance(token, now))
-        return events
+        # The whole batch at once: per-row calls cost more than the model at small sizes.
+        chosen = choose_tokens(logits, [s.sampler for s in sequences],
+                               [len(s.generated) for s in sequences])
+        return [seq.expire(now) if _past_deadline(seq.prepared, now) else seq.advance(token, now)
+                for seq, token in zip(sequences, chosen, strict=True)]
 
     def _admit(self, sequences: list[Sequence], prefill: DynamicCache,
                mask: torch.Tensor) -> None:

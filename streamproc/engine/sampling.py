@@ -1,28 +1,52 @@
-"""Choosing the next token from logits, one generator per request.
+"""Choosing each step's tokens from the batch's logits, all rows at once.
 
-Each request owns its random generator, seeded from its ``seed``, so a sampled
-request's output does not depend on which other requests shared its batch. A
-request without a seed gets one derived from its request id: a request that a
-second worker generates again after a crash then produces the same tokens, so
-its replayed stream splices exactly onto what subscribers already received.
+Greedy rows take the argmax. Sampled rows (temperature, top-p) are drawn
+together by inverse transform: one uniform draw per row picks a token from the
+row's cumulative distribution. Each draw is a pure function of the request's
+seed and the token's position, not of a generator object stepped per row: the
+whole batch samples in a few tensor operations with one host synchronization
+(per-row generators cost a dozen small operations and a synchronization per
+sampled row, on CPU three times the model's own decode step at batch 128).
+
+A request's tokens therefore depend only on its seed, its parameters and its
+logits, not on which other requests shared its batch. A request without a
+``seed`` gets one derived from its request id: a request that a second worker
+generates again after a crash then produces the same tokens, so its replayed
+stream splices exactly onto what subscribers already received.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy
 import torch
 
 from streamproc.wire import GenerationParams
 
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_DRAW_BITS = 24
+"""A float32 mantissa's worth: the cumulative sums the draws are compared with are float32."""
 
-def make_generator(params: GenerationParams, device: torch.device,
-                   request_id: str) -> torch.Generator | None:
+
+@dataclass(frozen=True)
+class Sampler:
+    """How one request samples its tokens."""
+
+    seed: int
+    temperature: float
+    top_p: float
+
+
+def sampler_for(params: GenerationParams, request_id: str) -> Sampler | None:
+    """None for greedy decoding (temperature 0)."""
     if params.temperature == 0:
         return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed if params.seed is not None else default_seed(request_id))
-    return generator
+    seed = params.seed if params.seed is not None else default_seed(request_id)
+    return Sampler(seed, params.temperature, params.top_p)
 
 
 def default_seed(request_id: str) -> int:
@@ -30,20 +54,64 @@ def default_seed(request_id: str) -> int:
     return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") >> 1
 
 
-def next_token(logits: torch.Tensor, params: GenerationParams,
-               generator: torch.Generator | None) -> int:
-    """Greedy when ``generator`` is None, else temperature and top-p sampling."""
-    if generator is None:
-        return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        probs = _top_p(probs, params.top_p)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def uniform_draw(seed: int, position: int) -> float:
+    """The draw in [0, 1) for the token at ``position`` of a request seeded ``seed``:
+    output ``position`` of the SplitMix64 sequence that starts at ``seed``."""
+    x = (seed + (position + 1) * _GOLDEN_GAMMA) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x ^= x >> 31
+    return (x >> (64 - _DRAW_BITS)) / (1 << _DRAW_BITS)
 
 
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    sorted_probs, order = torch.sort(probs, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-    outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
-    sorted_probs[outside] = 0.0
-    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+def choose_tokens(logits: torch.Tensor, samplers: Sequence[Sampler | None],
+                  positions: Sequence[int]) -> list[int]:
+    """One token per row of ``logits``: row i samples with ``samplers[i]`` (greedy when
+    None) at ``positions[i]``, the number of tokens its request generated before."""
+    chosen = logits.argmax(dim=-1)
+    # Rows with and without top-p are drawn apart: the first walk their tokens from the
+    # most likely down, the others in vocabulary order, and a row must not draw a different
+    # token because a neighbour asked for top-p.
+    for nucleus in (False, True):
+        group = [(row, s, positions[row]) for row, s in enumerate(samplers)
+                 if s is not None and (s.top_p < 1.0) == nucleus]
+        if group:
+            rows = [row for row, _, _ in group]
+            chosen[rows] = _sample(logits[rows], [(s, position) for _, s, position in group],
+                                   nucleus=nucleus)
+    tokens: list[int] = chosen.tolist()
+    return tokens
+
+
+def _sample(logits: torch.Tensor, rows: list[tuple[Sampler, int]], *,
+            nucleus: bool) -> torch.Tensor:
+    device = logits.device
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+    probs = torch.softmax(logits.float() / column([s.temperature for s, _ in rows]), dim=-1)
+    order: torch.Tensor | None = None
+    if nucleus:
+        probs, order = _sorted_descending(probs)
+        # Keep each row's smallest prefix whose mass reaches its top_p (at least one token).
+        outside = torch.cumsum(probs, dim=-1) - probs >= column([s.top_p for s, _ in rows])
+        probs = probs.masked_fill(outside, 0.0)
+    cdf = torch.cumsum(probs, dim=-1)
+    total = cdf[:, -1:]
+    targets = column([uniform_draw(s.seed, position) for s, position in rows]) * total
+    index = torch.searchsorted(cdf, targets, right=True)
+    # A target rounded up to the total would land past the last token with any mass.
+    last_with_mass = (cdf < total).sum(dim=-1, keepdim=True)
+    index = torch.minimum(index, last_with_mass)
+    picked = index if order is None else order.gather(1, index)
+    return picked.squeeze(1)
+
+
+def _sorted_descending(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row high to low, and where each value came from. On CPU through numpy: torch's
+    CPU sort took 2.6 ms for 128 rows of 512 on one thread, numpy's 0.4 ms (probe)."""
+    if probs.device.type != "cpu":
+        return torch.sort(probs, dim=-1, descending=True)
+    order = torch.from_numpy(numpy.argsort(-probs.numpy(), axis=-1))
+    return probs.gather(1, order), order

@@ -6,10 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from streamproc.engine.detokenize import IncrementalDetokenizer, StopMatcher
-from streamproc.engine.sampling import make_generator, next_token
+from streamproc.engine.sampling import Sampler, sampler_for
 from streamproc.wire import FinishReason, GenerationRequest, Timings, Usage
 
 
@@ -66,7 +64,8 @@ class Sequence:
     prepared: PreparedRequest
     detokenizer: IncrementalDetokenizer
     stop: StopMatcher
-    generator: torch.Generator | None
+    sampler: Sampler | None
+    """None: greedy."""
     eos_ids: frozenset[int]
     admitted_at: float = field(default_factory=time.time)
     first_token_at: float | None = None
@@ -74,23 +73,20 @@ class Sequence:
     finished: bool = False
 
     @classmethod
-    def start(cls, prepared: PreparedRequest, tokenizer: Any, device: torch.device,
+    def start(cls, prepared: PreparedRequest, tokenizer: Any,
               eos_ids: frozenset[int]) -> Sequence:
         params = prepared.request.params
         return cls(
             prepared=prepared,
             detokenizer=IncrementalDetokenizer(tokenizer, prepared.prompt_ids),
             stop=StopMatcher(params.stop),
-            generator=make_generator(params, device, prepared.request_id),
+            sampler=sampler_for(params, prepared.request_id),
             eos_ids=eos_ids,
         )
 
     @property
     def last_token(self) -> int:
         return self.generated[-1]
-
-    def sample(self, logits: torch.Tensor) -> int:
-        return next_token(logits, self.prepared.request.params, self.generator)
 
     def advance(self, token: int, now: float) -> TokenEvent:
         """Append ``token`` and say what it adds to the stream."""
