@@ -201,9 +201,9 @@ async def test_a_worker_whose_broker_is_gone_still_stops_on_sigterm(
             _, tasks, started = await submit_all(client, 8)
             await asyncio.wait_for(started.wait(), 60)
             await asyncio.to_thread(localkafka.stop_broker_only, state_dir)
-            # Its requests may all be answered and committed by now; a status report (every
-            # 2 s) queued with no broker to take it still leaves a step that cannot finish.
-            await asyncio.sleep(2.5)
+            # Its requests may all be answered and committed by now; a status report queued
+            # with no broker to take it still leaves a step that cannot finish.
+            await asyncio.sleep(config.status_interval_s + 0.5)
             assert await worker.terminate(timeout_s=30) == 0
             for task in tasks:
                 task.cancel()
