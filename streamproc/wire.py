@@ -33,7 +33,7 @@ class ChatMessage(msgspec.Struct, frozen=True):
 
 
 class GenerationParams(msgspec.Struct, frozen=True, omit_defaults=True):
-    """How to generate. ``temperature == 0`` means greedy decoding."""
+    """How to generate. ``temperature`` 0 (or under 1e-5) means greedy decoding."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0

@@ -81,3 +81,11 @@ def test_a_sampled_request_gets_a_stable_seed_and_a_greedy_one_none(seed: int | 
     assert (sampler.temperature, sampler.top_p) == (0.8, 0.9)
     assert (sampler.seed == 7) == (seed == 7)
     assert sampler_for(GenerationParams(temperature=0.0, seed=seed), "request-1") is None
+
+
+def test_a_temperature_too_small_to_divide_by_decodes_greedily() -> None:
+    logits = torch.tensor([[5.0, 4.0, 1.0]])
+    assert torch.isinf(logits / 1e-40).any()  # what sampling at it would divide by
+    sampler = sampler_for(GenerationParams(temperature=1e-40), "request-1")
+    assert sampler is None
+    assert choose_tokens(logits, [sampler], [0]) == [0]

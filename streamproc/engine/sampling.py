@@ -31,6 +31,8 @@ _MASK64 = (1 << 64) - 1
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _DRAW_BITS = 24
 """A float32 mantissa's worth: the cumulative sums the draws are compared with are float32."""
+GREEDY_BELOW = 1e-5
+"""Temperatures under this decode greedily: dividing logits by them overflows float32."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,8 @@ class Sampler:
 
 
 def sampler_for(params: GenerationParams, request_id: str) -> Sampler | None:
-    """None for greedy decoding (temperature 0)."""
-    if params.temperature == 0:
+    """None for greedy decoding (temperature 0, or too small to divide by)."""
+    if params.temperature < GREEDY_BELOW:
         return None
     seed = params.seed if params.seed is not None else default_seed(request_id)
     return Sampler(seed, params.temperature, params.top_p)
