@@ -149,18 +149,25 @@ def start(state_dir: Path | None = None, *, port: int | None = None,
     state_dir.mkdir(parents=True)
     zk_port, kafka_port = free_port(), port or free_port()
     sasl_port = free_port() if sasl_users else 0
-    zk = _spawn(install, state_dir, "zookeeper", _zookeeper_props(state_dir, zk_port))
-    props = _kafka_props(state_dir, zk_port, kafka_port, sasl_port, sasl_users or {})
-    kafka = _spawn(install, state_dir, "kafka", props)
-    state = BrokerState(f"127.0.0.1:{kafka_port}", kafka.pid, zk.pid, str(state_dir),
-                        f"127.0.0.1:{sasl_port}" if sasl_port else "")
-    _state_file(state_dir).write_text(json.dumps(asdict(state)))
     deadline = time.monotonic() + timeout_s
+    spawned: list[int] = []
     try:
+        zk = _spawn(install, state_dir, "zookeeper", _zookeeper_props(state_dir, zk_port))
+        spawned.append(zk.pid)
+        props = _kafka_props(state_dir, zk_port, kafka_port, sasl_port, sasl_users or {})
+        kafka = _spawn(install, state_dir, "kafka", props)
+        spawned.append(kafka.pid)
+        state = BrokerState(f"127.0.0.1:{kafka_port}", kafka.pid, zk.pid, str(state_dir),
+                            f"127.0.0.1:{sasl_port}" if sasl_port else "")
+        _state_file(state_dir).write_text(json.dumps(asdict(state)))
         _wait_ready(state_dir / "kafka.out", kafka, timeout_s)
         asyncio.run(_wait_for_group_coordinator(state.bootstrap, deadline))
-    except LocalKafkaError:
-        stop(state_dir)
+    except BaseException:
+        # Whatever cut the start short (a broker that never came up, an error in the client
+        # that waits for it, an interrupt): nothing it started stays running behind it.
+        for pid in reversed(spawned):
+            _terminate(pid, 20.0)
+        _state_file(state_dir).unlink(missing_ok=True)
         raise
     return state
 
