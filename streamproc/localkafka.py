@@ -23,6 +23,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -300,17 +301,35 @@ def stop(state_dir: Path | None = None, timeout_s: float = 20.0) -> bool:
 
 
 def _terminate(pid: int, timeout_s: float) -> None:
+    """Stop ``pid`` and whatever its start scripts forked: each broker process leads a
+    process group of its own, and stopped mid-start a script's subshells would outlive it."""
     if not _alive(pid):
         return
-    os.kill(pid, signal.SIGTERM)
+    _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while (_alive(pid) or _group_alive(pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
+    if _alive(pid) or _group_alive(pid):
+        _signal_group(pid, signal.SIGKILL)
     child = _children.pop(pid, None)
     if child is not None:
         child.wait()
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:  # no group of that id (not a leader): the process alone
+        with suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -51,7 +51,7 @@ def test_interrupting_a_start_leaves_nothing_running(tmp_path: Path) -> None:
     with subprocess.Popen(command, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL) as starting:
         deadline = time.monotonic() + 120
-        while not (state_dir / "kafka.out").exists():  # both are spawned, neither ready
+        while not (state_dir / "state.json").exists():  # both are spawned, Kafka not ready
             assert starting.poll() is None
             assert time.monotonic() < deadline
             time.sleep(0.05)
