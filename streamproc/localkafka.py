@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +41,8 @@ _READY_LINE = "started (kafka.server.KafkaServer)"
 # Brokers started by this process, kept so they can be reaped when stopped.
 _children: dict[int, subprocess.Popen[bytes]] = {}
 Progress = Callable[[str], None]
+STOP_TIMEOUT_S = 20.0
+"""How long each broker process gets to stop on SIGTERM before it is killed."""
 
 
 def cache_dir() -> Path:
@@ -166,9 +168,7 @@ def start(state_dir: Path | None = None, *, port: int | None = None,
     except BaseException:
         # Whatever cut the start short (a broker that never came up, an error in the client
         # that waits for it, an interrupt): nothing it started stays running behind it.
-        for pid in reversed(spawned):
-            _terminate(pid, 20.0)
-        _state_file(state_dir).unlink(missing_ok=True)
+        _stop_processes(state_dir, reversed(spawned), STOP_TIMEOUT_S)
         raise
     return state
 
@@ -287,17 +287,21 @@ def status(state_dir: Path | None = None) -> BrokerState | None:
     return state if _alive(state.kafka_pid) else None
 
 
-def stop(state_dir: Path | None = None, timeout_s: float = 20.0) -> bool:
+def stop(state_dir: Path | None = None, timeout_s: float = STOP_TIMEOUT_S) -> bool:
     """Stop the broker, then ZooKeeper; True if anything was running."""
     folder = state_dir or default_state_dir()
-    path = _state_file(folder)
-    if not path.exists():
+    if not _state_file(folder).exists():
         return False
     state = _read_state(folder)
-    for pid in (state.kafka_pid, state.zookeeper_pid):
-        _terminate(pid, timeout_s)
-    path.unlink(missing_ok=True)
+    _stop_processes(folder, (state.kafka_pid, state.zookeeper_pid), timeout_s)
     return True
+
+
+def _stop_processes(state_dir: Path, pids: Iterable[int], timeout_s: float) -> None:
+    """Stop ``pids`` in order, then forget the broker recorded in ``state_dir``."""
+    for pid in pids:
+        _terminate(pid, timeout_s)
+    _state_file(state_dir).unlink(missing_ok=True)
 
 
 def _terminate(pid: int, timeout_s: float) -> None:
