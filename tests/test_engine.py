@@ -71,9 +71,9 @@ def test_greedy_output_holds_when_one_step_prefills_in_several_passes(
     passes: list[int] = []
     run_pass = engine._prefill_pass
 
-    def counting_pass(batch: list[PreparedRequest]) -> list[TokenEvent]:
+    def counting_pass(batch: list[PreparedRequest], rows: int) -> list[TokenEvent]:
         passes.append(len(batch))
-        return run_pass(batch)
+        return run_pass(batch, rows)
 
     monkeypatch.setattr(engine, "_prefill_pass", counting_pass)
     events = run_to_completion(engine, [requests[:5], [], requests[5:]])
@@ -104,6 +104,57 @@ def test_greedy_output_survives_cache_growth_and_long_late_prompts(
     for r in requests:
         assert tokens(events[r.request_id]) == reference_tokens(
             loaded_model, r.prompt_ids, r.max_new_tokens), r.request_id
+
+
+def test_a_sliding_window_moves_within_its_buffers_instead_of_allocating_new_ones(
+        loaded_model: LoadedModel) -> None:
+    """Short requests arriving one a step for long: the live window stays narrow while its
+    right edge travels many times the buffers' width."""
+    rng = random.Random(5)
+    vocab = len(loaded_model.tokenizer)
+    requests = [prepared(f"w{i}", [rng.randrange(3, vocab) for _ in range(rng.randrange(2, 6))],
+                         rng.randrange(4, 10)) for i in range(150)]
+    engine = Engine(loaded_model)
+    events = run_to_completion(engine, [[r] for r in requests])
+    # 150 steps through buffers of 16-32 columns: reallocating whenever the window reached
+    # their right edge made 22 allocations; moving it, none past the first growth.
+    assert engine.kv_allocations <= 3
+    for r in requests:
+        assert tokens(events[r.request_id]) == reference_tokens(
+            loaded_model, r.prompt_ids, r.max_new_tokens), r.request_id
+
+
+def test_a_step_admitting_many_prompt_lengths_allocates_at_most_once(
+        loaded_model: LoadedModel) -> None:
+    """Ten passes of growing prompt lengths join a running batch in one step: the buffers
+    are sized for all of them up front, not regrown pass by pass."""
+    rng = random.Random(3)
+    vocab = len(loaded_model.tokenizer)
+    engine = Engine(loaded_model)
+    engine.prefill_overhead_tokens = 1.0  # every length its own pass
+    first = prepared("first", [5, 6, 7], 40)
+    engine.step([first])
+    before = engine.kv_allocations
+    late = [prepared(f"l{n}", [rng.randrange(3, vocab) for _ in range(n)], 8)
+            for n in (9, 17, 33, 50, 65, 80, 100, 130, 150, 200)]
+    events = run_to_completion(engine, [late])
+    assert engine.kv_allocations - before <= 1
+    for r in late:
+        assert tokens(events[r.request_id]) == reference_tokens(
+            loaded_model, r.prompt_ids, r.max_new_tokens), r.request_id
+
+
+def test_an_emptied_batch_keeps_its_buffers_for_the_next_requests(
+        loaded_model: LoadedModel) -> None:
+    engine = Engine(loaded_model)
+    run_to_completion(engine, [[prepared("a", [5, 6, 7, 8, 9, 10], 20)]])
+    assert engine.num_running == 0
+    assert engine.kv_tokens == 0
+    allocated = engine.kv_allocations
+    after = prepared("b", [11, 12, 13], 15)
+    events = run_to_completion(engine, [[after]])
+    assert engine.kv_allocations == allocated
+    assert tokens(events["b"]) == reference_tokens(loaded_model, [11, 12, 13], 15)
 
 
 def test_warm_up_leaves_the_engine_empty_and_output_unchanged(

@@ -36,6 +36,7 @@ class Engine:
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self._running: list[Sequence] = []
         self._batch: SlotBatch | None = None
+        self._dropped_allocations = 0
         self.last_prefill_s = 0.0
         """Seconds the last step spent in prefill (0 when it admitted nothing)."""
         self.last_decode_s = 0.0
@@ -52,6 +53,12 @@ class Engine:
     def kv_tokens(self) -> int:
         """Cache positions holding real tokens, over the running batch."""
         return int(self._batch.mask.sum().item()) if self._batch is not None else 0
+
+    @property
+    def kv_allocations(self) -> int:
+        """How many times KV buffers were allocated since this engine started."""
+        live = self._batch.allocations if self._batch is not None else 0
+        return self._dropped_allocations + live
 
     def warm_up(self) -> None:
         """A throwaway prefill and decode, so the first real request does not pay for the
@@ -82,7 +89,8 @@ class Engine:
                                     small[0] * small[1], large[0] * large[1])
 
     def reset(self) -> None:
-        """Forget every running sequence (after a failed step)."""
+        """Forget every running sequence and the KV buffers (after a failed step)."""
+        self._dropped_allocations = self.kv_allocations
         self._running = []
         self._batch = None
 
@@ -127,12 +135,17 @@ class Engine:
     def _prefill(self, prepared: list[PreparedRequest]) -> list[TokenEvent]:
         """One pass per group of similar prompt lengths, so little compute goes to padding."""
         lengths = [len(p.prompt_ids) for p in prepared]
+        rows = len(prepared) + self.num_running
+        if self._batch is not None:  # room for every pass at once, not one pass at a time
+            self._batch.reserve(rows, max(lengths))
         events = []
-        for group in prefill_groups(lengths, self.prefill_overhead_tokens):
-            events += self._prefill_pass([prepared[i] for i in group])
+        # Longest first: a new batch is sized by its first pass.
+        for group in reversed(prefill_groups(lengths, self.prefill_overhead_tokens)):
+            events += self._prefill_pass([prepared[i] for i in group], rows)
         return events
 
-    def _prefill_pass(self, prepared: list[PreparedRequest]) -> list[TokenEvent]:
+    def _prefill_pass(self, prepared: list[PreparedRequest], rows: int) -> list[TokenEvent]:
+        """Prefill ``prepared`` and join them to the batch, sized for ``rows`` in all."""
         ids, mask = self._left_padded([p.prompt_ids for p in prepared])
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()
@@ -143,7 +156,7 @@ class Engine:
             for p in prepared
         ]
         events = self._advance(sequences, logits)
-        self._admit(sequences, cache, mask)
+        self._admit(sequences, cache, mask, rows)
         return events
 
     def _forward(self, ids: torch.Tensor, cache: Cache, mask: torch.Tensor,
@@ -169,12 +182,13 @@ class Engine:
                 for seq, token in zip(sequences, chosen, strict=True)]
 
     def _admit(self, sequences: list[Sequence], prefill: DynamicCache,
-               mask: torch.Tensor) -> None:
+               mask: torch.Tensor, rows: int) -> None:
         alive = [i for i, s in enumerate(sequences) if not s.finished]
         if not alive:
             return
         if self._batch is None:
-            self._batch, self._running = SlotBatch(prefill, mask), sequences
+            self._batch = SlotBatch(prefill, mask, row_capacity=rows)
+            self._running = sequences
             self._retire()
         else:
             self._batch.join(prefill, mask, alive)
@@ -185,7 +199,9 @@ class Engine:
         if not dead:
             return
         if len(dead) == len(self._running):
-            self._running, self._batch = [], None
+            # The buffers stay for the next arrivals: allocating them again costs more.
+            self._running = []
+            self._require_batch().clear()
             return
         order = self._require_batch().remove(dead)
         self._running = [self._running[i] for i in order]

@@ -10,12 +10,19 @@ columns of a row hold real tokens.
   right-aligned at ``end``;
 * leaving moves the last rows into the holes (one row copy each) and returns
   the new row order, so the caller can reorder its sequences the same way;
-* buffers grow by doubling (rows or columns) and drop unused left columns when
-  they run out of room, so their cost is amortized over many steps.
+* when the window reaches the buffers' right edge, or a newcomer needs more
+  columns on its left, the window moves within the buffers; only when they are
+  too small are bigger ones allocated (doubling rows or columns), so their cost
+  is amortized over many steps. Allocating is what costs: fresh memory is
+  faulted in page by page (on the 2-core CPU, 30-80 ms for a few tens of MB,
+  many decode steps' worth), while moving a window copies only its live columns;
+* :meth:`reserve` sizes the buffers once for a whole step's admissions, and a
+  batch whose sequences all left keeps its buffers for the next ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -59,16 +66,21 @@ class _SlotLayer(DynamicLayer):
 class SlotBatch:
     """Keys, values and attention mask of every running sequence."""
 
-    def __init__(self, prefill: DynamicCache, mask: torch.Tensor) -> None:
+    def __init__(self, prefill: DynamicCache, mask: torch.Tensor, *, row_capacity: int = 0
+                 ) -> None:
+        """A batch of ``prefill``'s rows, with room for at least ``row_capacity`` rows."""
         tensors = layer_tensors(prefill)
         rows, width = mask.shape
         self.rows, self.start, self.end = rows, 0, width
-        self._mask = _alloc_like(mask, (_room(rows), _room(width + 1)))
+        self.allocations = 1
+        """How many times buffers were allocated (for tests and probes)."""
+        self._mask = _alloc_like(mask, (_room(max(rows, row_capacity)), _room(width + 1)))
         self._mask[:rows, :width] = mask
         self._layers = [
-            _SlotLayer(self, _alloc_like(k, (_room(rows), k.shape[1], _room(width + 1),
-                                             k.shape[3])),
-                       _alloc_like(v, (_room(rows), v.shape[1], _room(width + 1), v.shape[3])))
+            _SlotLayer(self, _alloc_like(k, (self._capacity_rows, k.shape[1],
+                                             self._capacity_columns, k.shape[3])),
+                       _alloc_like(v, (self._capacity_rows, v.shape[1],
+                                       self._capacity_columns, v.shape[3])))
             for k, v in tensors]
         for layer, (k, v) in zip(self._layers, tensors, strict=True):
             layer.key_buf[:rows, :, :width] = k
@@ -89,7 +101,7 @@ class SlotBatch:
         """Make room for the token about to be decoded and return the mask including it;
         :meth:`close_column` after the forward pass."""
         if self.end + 1 > self._capacity_columns:
-            self._regrow(self.rows, self.length + 1)
+            self._make_room(self.rows, self.length)
         self._mask[:self.rows, self.end] = 1
         return self._mask[:self.rows, self.start:self.end + 1]
 
@@ -100,8 +112,7 @@ class SlotBatch:
         """Append rows ``keep`` of a prefill batch below ours, right-aligned at ``end``."""
         index = torch.tensor(keep, dtype=torch.long, device=mask.device)
         new_rows, width = len(keep), mask.shape[1]
-        if width > self.end or self.rows + new_rows > self._capacity_rows:
-            self._regrow(self.rows + new_rows, max(self.length, width) + 1)
+        self.reserve(self.rows + new_rows, width)
         if self.end - width < self.start:  # the newcomer is longer: expose columns on the left
             self._mask[:self.rows, self.end - width:self.start] = 0
             self.start = self.end - width
@@ -112,6 +123,15 @@ class SlotBatch:
             layer.key_buf[top:top + new_rows, :, columns] = k.index_select(0, index)
             layer.value_buf[top:top + new_rows, :, columns] = v.index_select(0, index)
         self.rows += new_rows
+
+    def reserve(self, rows: int, width: int) -> None:
+        """Room for ``rows`` rows in all and for a prompt of ``width`` tokens to join."""
+        if width > self.end or rows > self._capacity_rows:
+            self._make_room(rows, max(self.length, width))
+
+    def clear(self) -> None:
+        """Drop every row, keeping the buffers for the rows that join next."""
+        self.rows, self.start = 0, self.end
 
     def remove(self, dead: list[int]) -> list[int]:
         """Drop rows ``dead``; returns, for each remaining row, the row it was before."""
@@ -152,14 +172,42 @@ class SlotBatch:
     def _capacity_columns(self) -> int:
         return int(self._mask.shape[1])
 
-    def _regrow(self, rows: int, columns: int) -> None:
-        """New buffers with room for ``rows`` x ``columns``, the visible window copied to
-        their left edge, plus room on the left for a prefill of ``columns`` - 1."""
-        shift = max(0, columns - 1 - self.length)
+    def _make_room(self, rows: int, end: int) -> None:
+        """Capacity for ``rows`` rows, and the window moved to end at column ``end`` with a
+        free column after it: within the buffers if they are big enough, else in bigger
+        ones."""
+        # Moving copies the live columns: worth it only with room for a few steps after.
+        headroom = 1 + self.length // _MOVES_PER_WINDOW
+        if rows <= self._capacity_rows and end + headroom <= self._capacity_columns:
+            self._move_window(end)
+        else:
+            self._regrow(rows, end)
+
+    def _move_window(self, end: int) -> None:
+        start = end - self.length
+        if start != self.start and self.rows:
+            # Overlapping columns would be read after being overwritten: copy a clone.
+            overlap = abs(start - self.start) < self.length
+            for buf, dim in self._buffers():
+                live = buf[:self.rows]
+                window = live.narrow(dim, self.start, self.length)
+                live.narrow(dim, start, self.length).copy_(window.clone() if overlap else window)
+        self.start, self.end = start, end
+
+    def _buffers(self) -> Iterator[tuple[torch.Tensor, int]]:
+        """Every buffer, with the dimension of its columns."""
+        yield self._mask, 1
+        for layer in self._layers:
+            yield layer.key_buf, 2
+            yield layer.value_buf, 2
+
+    def _regrow(self, rows: int, end: int) -> None:
+        """New buffers with room for ``rows`` rows and a window ending at ``end`` plus one
+        column, the window copied there."""
         new_rows = max(self._capacity_rows, _room(rows))
-        new_columns = max(self._capacity_columns, _room(shift + self.length + 1), columns)
+        new_columns = max(self._capacity_columns, _room(end + 1))
         window = slice(self.start, self.end)
-        target = slice(shift, shift + self.length)
+        target = slice(end - self.length, end)
         mask = _alloc_like(self._mask, (new_rows, new_columns))
         mask[:self.rows, target] = self._mask[:self.rows, window]
         self._mask = mask
@@ -169,7 +217,13 @@ class SlotBatch:
             layer.value_buf = _alloc_like(v, (new_rows, v.shape[1], new_columns, v.shape[3]))
             layer.key_buf[:self.rows, :, target] = k[:self.rows, :, window]
             layer.value_buf[:self.rows, :, target] = v[:self.rows, :, window]
-        self.start, self.end = shift, shift + self.length
+        self.start, self.end = end - self.length, end
+        self.allocations += 1
+
+
+_MOVES_PER_WINDOW = 8
+"""A window moves within its buffers only if it can then decode at least 1/8 of its
+length before it moves again: copying its columns then costs at most 8 columns a step."""
 
 
 def _room(size: int) -> int:
