@@ -152,6 +152,9 @@ class WorkerConfig:
     """Most sequences decoding together."""
     max_batch_tokens: int = 4096
     """Most prompt tokens prefilled in one step (budget in tokens, not requests)."""
+    prefill_chunk_tokens: int = 512
+    """Longer prompts are prefilled this many tokens a step, so the running sequences keep
+    decoding meanwhile instead of waiting for the whole prompt; 0: every prompt at once."""
     batch_window_ms: float = 10.0
     """Fixed policy: how long an idle engine gathers arrivals."""
     batch_policy: str = "adaptive"
@@ -218,6 +221,9 @@ class WorkerConfig:
             raise ConfigError("linger_ms must be >= 0")
         if self.chunk_rate < 0:
             raise ConfigError(f"chunk_rate must be >= 0 (0: no pacing), got {self.chunk_rate}")
+        if self.prefill_chunk_tokens < 0:
+            raise ConfigError("prefill_chunk_tokens must be >= 0 (0: no chunks), "
+                              f"got {self.prefill_chunk_tokens}")
         if self.cpu_threads < 0:
             raise ConfigError(f"cpu_threads must be >= 0 (0: automatic), got {self.cpu_threads}")
         if not 0 <= self.metrics_port <= 65535:

@@ -24,6 +24,8 @@ def test_cross_field_validation() -> None:
         WorkerConfig(max_batch_size=64, max_inflight=16)
     with pytest.raises(ConfigError, match="max_batch_tokens"):
         WorkerConfig(max_batch_tokens=0)
+    with pytest.raises(ConfigError, match="prefill_chunk_tokens"):
+        WorkerConfig(prefill_chunk_tokens=-1)
     with pytest.raises(ConfigError, match="close_timeout_s"):
         WorkerConfig(close_timeout_s=-1)
     assert WorkerConfig.from_env({"STREAMPROC_CLOSE_TIMEOUT_S": "2.5"}).close_timeout_s == 2.5

@@ -72,6 +72,29 @@ async def test_greedy_results_through_kafka_equal_generate(
         assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
 
 
+async def test_prompts_prefilled_in_chunks_through_kafka_equal_generate(
+        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    """A worker whose chunks are 16 tokens: most of these prompts take several steps."""
+    config = replace(worker_config, prefill_chunk_tokens=16)
+    rng = random.Random(5)
+    prompts = [random_prompt(rng) for _ in range(12)]
+    tokenizer = loaded_model.tokenizer
+    assert sum(len(tokenizer(p).input_ids) > 16 for p in prompts) >= 6
+    worker = Worker(config, loaded_model)
+    await worker.start()
+    try:
+        async with client_for(config) as client:
+            streams = [await client.submit(p, params=wire.GenerationParams(max_new_tokens=12))
+                       for p in prompts]
+            results = await asyncio.wait_for(asyncio.gather(*(s.result() for s in streams)),
+                                             120)
+    finally:
+        await worker.stop()
+    for prompt, result in zip(prompts, results, strict=True):
+        ids = tokenizer(prompt).input_ids
+        assert result.token_ids == reference_tokens(loaded_model, ids, 12), prompt
+
+
 async def publish_raw(bootstrap: str, topic: str, *values: bytes) -> None:
     producer = kafka.producer(bootstrap)
     await producer.start()

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--topics-dir", type=Path, help="topic declarations (default: ./topics)")
     p.add_argument("--max-batch-size", type=int, help="most sequences decoding together (32)")
     p.add_argument("--max-batch-tokens", type=int, help="most prompt tokens per prefill (4096)")
+    p.add_argument("--prefill-chunk-tokens", type=int,
+                   help="prefill longer prompts this many tokens a step, decoding the running "
+                   "sequences in between (512; 0: whole prompts)")
     p.add_argument("--batch-policy", choices=["adaptive", "fixed"],
                    help="adaptive (default): window and admission size follow latency")
     p.add_argument("--batch-window-ms", type=float,
@@ -65,6 +68,7 @@ def _main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose, args.log_format)
     overrides = {k: getattr(args, k) for k in (
         "model", "device", "cpu_threads", "group_id", "max_batch_size", "max_batch_tokens",
+        "prefill_chunk_tokens",
         "batch_window_ms", "batch_policy", "window_min_ms", "window_max_ms", "ttft_target_ms",
         "itl_target_ms", "chunk_rate", "max_inflight", "max_new_tokens_cap", "drain_timeout_s",
         "close_timeout_s", "metrics_port", "metrics_address", "max_prompt_tokens",

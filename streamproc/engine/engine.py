@@ -14,6 +14,7 @@ import time
 import torch
 from transformers import Cache, DynamicCache
 
+from streamproc.engine.chunked import PartialPrefill, needs_chunks
 from streamproc.engine.grouping import (
     DEFAULT_OVERHEAD_TOKENS,
     pass_overhead_tokens,
@@ -27,7 +28,12 @@ from streamproc.wire import GenerationParams, GenerationRequest
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, prefill_chunk_tokens: int = 512) -> None:
+        """``prefill_chunk_tokens``: longer prompts are prefilled that many tokens a step
+        (see :mod:`streamproc.engine.chunked`); 0: every prompt in one pass."""
+        if prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens must be >= 0, got {prefill_chunk_tokens}")
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self._loaded = loaded
         self._model = loaded.model
         # Only the last position's logits are sampled from: a prefill need not project
@@ -35,6 +41,8 @@ class Engine:
         forward = inspect.signature(self._model.forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self._running: list[Sequence] = []
+        self._partial: list[PartialPrefill] = []
+        """Long prompts being prefilled a chunk a step, oldest first."""
         self._batch: SlotBatch | None = None
         self._dropped_allocations = 0
         self.last_prefill_s = 0.0
@@ -47,12 +55,15 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        """Sequences decoding, and long prompts still prefilling (they hold a slot)."""
+        return len(self._running) + len(self._partial)
 
     @property
     def kv_tokens(self) -> int:
-        """Cache positions holding real tokens, over the running batch."""
-        return int(self._batch.mask.sum().item()) if self._batch is not None else 0
+        """Cache positions holding real tokens, over the running batch and the prompts
+        still prefilling."""
+        batch = int(self._batch.mask.sum().item()) if self._batch is not None else 0
+        return batch + sum(p.done for p in self._partial)
 
     @property
     def kv_allocations(self) -> int:
@@ -80,7 +91,8 @@ class Engine:
             times = []
             for _ in range(3):
                 started = time.perf_counter()
-                self.step(batch)
+                with torch.inference_mode():  # one pass, however the chunk size is set
+                    self._prefill(batch)
                 times.append(time.perf_counter() - started)
                 self.reset()
             return min(times)
@@ -92,31 +104,71 @@ class Engine:
         """Forget every running sequence and the KV buffers (after a failed step)."""
         self._dropped_allocations = self.kv_allocations
         self._running = []
+        self._partial = []
         self._batch = None
 
     def step(self, admitted: list[PreparedRequest], abandon: frozenset[int] = frozenset(),
              cancel: frozenset[int] = frozenset()) -> list[TokenEvent]:
         """One iteration: drop ``abandon`` (ids of admitted requests, no events), end
         ``cancel`` (a final ``cancelled`` event each), decode the running batch, then
-        prefill ``admitted``."""
+        prefill ``admitted`` and the next chunk of the long prompts."""
         now = time.time()
-        events = [s.cancel(now) for s in self._running if id(s.prepared) in cancel]
-        if abandon or cancel:
-            for seq in self._running:
-                seq.finished = seq.finished or id(seq.prepared) in abandon
-            self._retire()
+        events = self._drop(abandon, cancel, now)
         events += [unserved_event(p, now, "expired") for p in admitted if _past_deadline(p, now)]
         fresh = [p for p in admitted if not _past_deadline(p, now)]
+        self._partial += [PartialPrefill(p) for p in fresh
+                          if needs_chunks(p, self.prefill_chunk_tokens)]
+        whole = [p for p in fresh if not needs_chunks(p, self.prefill_chunk_tokens)]
         self.last_prefill_s = self.last_decode_s = 0.0
         with torch.inference_mode():
             if self._running:
                 started = time.perf_counter()
                 events += self._decode()
                 self.last_decode_s = time.perf_counter() - started
-            if fresh:
+            if whole or self._partial:
                 started = time.perf_counter()
-                events += self._prefill(fresh)
+                events += self._prefill(whole) if whole else []
+                events += self._prefill_chunk(now)
                 self.last_prefill_s = time.perf_counter() - started
+        return events
+
+    def _drop(self, abandon: frozenset[int], cancel: frozenset[int],
+              now: float) -> list[TokenEvent]:
+        """Leave ``abandon`` without a word; end ``cancel`` with a final ``cancelled``."""
+        if not abandon and not cancel:
+            return []
+        events = [s.cancel(now) for s in self._running if id(s.prepared) in cancel]
+        events += [unserved_event(p.prepared, now, "cancelled") for p in self._partial
+                   if id(p.prepared) in cancel]
+        gone = abandon | cancel
+        self._partial = [p for p in self._partial if id(p.prepared) not in gone]
+        for seq in self._running:
+            seq.finished = seq.finished or id(seq.prepared) in abandon
+        self._retire()
+        return events
+
+    def _prefill_chunk(self, now: float) -> list[TokenEvent]:
+        """The next chunk of the oldest long prompt; its first token once it is all in."""
+        expired = [p for p in self._partial if _past_deadline(p.prepared, now)]
+        events = [unserved_event(p.prepared, now, "expired") for p in expired]
+        self._partial = [p for p in self._partial if p not in expired]
+        if not self._partial:
+            return events
+        partial = self._partial[0]
+        chunk = partial.next_chunk(self.prefill_chunk_tokens)
+        device = self._loaded.device
+        end = partial.done + len(chunk)
+        span = torch.arange(partial.done, end, device=device)
+        mask = torch.ones((1, end), dtype=torch.long, device=device)
+        logits = self._forward(torch.tensor([chunk], device=device), partial.cache, mask,
+                               span.unsqueeze(0), span)
+        partial.done = end
+        if end < partial.length:
+            return events
+        self._partial.pop(0)
+        sequence = Sequence.start(partial.prepared, self._loaded.tokenizer, self._loaded.eos_ids)
+        events += self._advance([sequence], logits)
+        self._admit([sequence], partial.cache, mask, self.num_running + 1)
         return events
 
     def _decode(self) -> list[TokenEvent]:

@@ -72,7 +72,7 @@ class Worker:
                              cancelled=self.cancelled,
                              max_message_bytes=config.max_message_bytes)
         self.controller, self.policy = _batch_policy(config)
-        self.engine = Engine(loaded)
+        self.engine = Engine(loaded, prefill_chunk_tokens=config.prefill_chunk_tokens)
         self.serving = ServingLoop(self.engine, self.waiting, self.policy, self._publisher,
                                    self.stats, controller=self.controller,
                                    lag=lambda: self.lag.lag if self.lag else 0)
