@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from streamproc.bench.chart import draw
+from streamproc.bench.long_prompts import long_prompt_run
 from streamproc.bench.measure import Observation, summarize
 from streamproc.bench.peers import offline_ceiling, offline_engine
-from streamproc.bench.run import BenchSettings, _targets, _timeline
+from streamproc.bench.run import BenchSettings, _long_prompt_ratios, _targets, _timeline
 from streamproc.bench.trace import TraceSettings, build
 from streamproc.cli.bench_cmd import table
 from streamproc.engine.loader import LoadedModel
@@ -98,6 +99,34 @@ def test_targets_are_ratios_of_runs_measured_side_by_side() -> None:
     assert not targets["met"]["burst itl p95 within 1.2x target (and fixed window not)"]
 
 
+def long_prompt_figures(spike_ms: float) -> dict[str, float]:
+    return {"chunk_tokens": 0, "tokens_per_s": 100.0, "step_p50_ms": 2.0,
+            "long_prompt_step_p50_ms": spike_ms, "long_prompt_step_max_ms": spike_ms * 2}
+
+
+def test_long_prompt_ratios_compare_each_chunk_size_with_whole_prompts() -> None:
+    runs = {"whole": long_prompt_figures(8.0), "chunks_512": long_prompt_figures(4.0),
+            "chunks_128": long_prompt_figures(2.0)}
+    runs["chunks_128"]["tokens_per_s"] = 90.0
+    ratios = _long_prompt_ratios(runs)
+    assert ratios == {"long_prompt_step_chunks_512_vs_whole": pytest.approx(0.5),
+                      "long_prompt_tokens_per_s_chunks_512_vs_whole": pytest.approx(1.0),
+                      "long_prompt_step_chunks_128_vs_whole": pytest.approx(0.25),
+                      "long_prompt_tokens_per_s_chunks_128_vs_whole": pytest.approx(0.9)}
+
+
+@pytest.mark.model
+def test_long_prompt_runs_measure_the_steps_of_each_long_prompt(
+        loaded_model: LoadedModel) -> None:
+    whole = long_prompt_run(loaded_model, 0, warm_steps=5, measured_steps=60)
+    chunked = long_prompt_run(loaded_model, 64, warm_steps=5, measured_steps=60)
+    for run in (whole, chunked):
+        assert run["tokens_per_s"] > 0
+        # Long prompts arrive at steps 0, 25 and 50: those whose first token came count.
+        assert 0 < run["long_prompt_step_p50_ms"] <= run["long_prompt_step_max_ms"]
+    assert chunked["chunk_tokens"] == 64
+
+
 def test_table_and_chart_render_a_report(tmp_path: Path) -> None:
     report: dict[str, Any] = {
         "runs": {"naive": fake_run(10.0), "fixed_window": fake_run(50.0),
@@ -108,8 +137,11 @@ def test_table_and_chart_render_a_report(tmp_path: Path) -> None:
         "timelines": {"naive": [[0.0, 10.0, 2.0]], "fixed_window": [[0.1, 5.0, 1.0]],
                       "streamproc": [[0.2, 3.0, 1.5]]},
     }
+    report["long_prompts"] = {"whole": long_prompt_figures(6.0),
+                              "chunks_128": long_prompt_figures(3.0)}
     text = table(report)
     assert "streamproc" in text
+    assert "chunks_128" in text
     assert "MET  nothing lost" in text
     json.dumps(report)
     chart = tmp_path / "chart.png"

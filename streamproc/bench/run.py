@@ -20,12 +20,13 @@ import msgspec
 import torch
 
 from streamproc import topics, wire
+from streamproc.bench.long_prompts import LONG_PROMPT, RUNNING, long_prompt_run
 from streamproc.bench.measure import Observation, summarize
 from streamproc.bench.peers import offline_ceiling, offline_engine
 from streamproc.bench.serve import READY, Peer, PeerSpec
 from streamproc.bench.trace import Arrival, TraceSettings, build
 from streamproc.client import ResultStream, StreamprocClient
-from streamproc.config import TopicNames
+from streamproc.config import TopicNames, WorkerConfig
 from streamproc.engine.loader import LoadedModel
 from streamproc.engine.threads import serving_threads, usable_cores
 from streamproc.metrics.stats import percentile
@@ -33,6 +34,8 @@ from streamproc.metrics.stats import percentile
 Progress = Callable[[str], None]
 PEERS = ("naive", "fixed_window", "streamproc")
 PEER_START_TIMEOUT_S = 120.0
+SMALL_CHUNK = 128
+"""Beside the default chunk size, a small one, for how far chunks smooth the steps."""
 SAMPLED = (0.8, 0.95)
 """Temperature and top-p of the sampled engine run, as a chat application might ask."""
 
@@ -68,7 +71,10 @@ async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,
         runs[name] = _summaries(observations[name], settings)
     runs.update(await _offline_runs(loaded, [a.prompt for a in trace[:64]], settings,
                                     progress))
-    return {"runs": runs, "targets": _targets(runs, settings),
+    long_prompts = await _long_prompt_runs(loaded, progress)
+    targets = _targets(runs, settings)
+    targets["ratios"].update(_long_prompt_ratios(long_prompts))
+    return {"runs": runs, "targets": targets, "long_prompts": long_prompts,
             "settings": {"trace": settings.trace.__dict__, "ttft_target_ms":
                          settings.ttft_target_s * 1000, "itl_target_ms":
                          settings.itl_target_s * 1000},
@@ -98,6 +104,32 @@ async def _offline_runs(loaded: LoadedModel, prompts: list[str], settings: Bench
                                               batch, threads)
         runs["offline_engine_worker_threads"] = _ceiling_run({str(batch): served_rate})
     return runs
+
+
+async def _long_prompt_runs(loaded: LoadedModel, progress: Progress) -> dict[str, Any]:
+    """The engine alone with long prompts joining: prefilled whole, in a worker's default
+    chunks, and in small ones."""
+    runs: dict[str, Any] = {}
+    for chunk in (0, WorkerConfig().prefill_chunk_tokens, SMALL_CHUNK):
+        label = f"chunks_{chunk}" if chunk else "whole"
+        progress(f"long prompts: {LONG_PROMPT} tokens joining {RUNNING} running, "
+                 f"{'in chunks of ' + str(chunk) if chunk else 'prefilled whole'}")
+        runs[label] = await asyncio.to_thread(long_prompt_run, loaded, chunk)
+    return runs
+
+
+def _long_prompt_ratios(runs: dict[str, Any]) -> dict[str, float]:
+    """Each chunked run's longest step per long prompt (median) and tokens/s against the
+    whole-prompt run's."""
+    whole = runs["whole"]
+    ratios = {}
+    for label, run in runs.items():
+        if label != "whole":
+            ratios[f"long_prompt_step_{label}_vs_whole"] = (
+                run["long_prompt_step_p50_ms"] / max(whole["long_prompt_step_p50_ms"], 1e-9))
+            ratios[f"long_prompt_tokens_per_s_{label}_vs_whole"] = (
+                run["tokens_per_s"] / max(whole["tokens_per_s"], 1e-9))
+    return ratios
 
 
 class PeerProcess:

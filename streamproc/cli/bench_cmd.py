@@ -83,12 +83,26 @@ def table(report: dict[str, Any]) -> str:
                 continue
             cells = "".join(_cell(figures.get(key)) for key, _ in COLUMNS)
             lines.append(f"{name + suffix:<{NAME_WIDTH}}" + cells)
+    lines += _long_prompt_lines(report.get("long_prompts", {}))
     lines.append("")
     for key, value in report["targets"]["ratios"].items():
         lines.append(f"{key:<40} {value:10.2f}")
     for key, ok in report["targets"]["met"].items():
         lines.append(f"{'MET ' if ok else 'MISSED'} {key}")
     return "\n".join(lines)
+
+
+def _long_prompt_lines(runs: dict[str, Any]) -> list[str]:
+    if not runs:
+        return []
+    # The longest step while a long prompt prefilled: the running sequences' gap then.
+    lines = ["", f"{'long prompts':<{NAME_WIDTH}}{'tokens/s':>11}{'step p50':>11}"
+                 f"{'spike p50':>11}{'spike max':>11}"]
+    for label, figures in runs.items():
+        cells = "".join(_cell(figures[key]) for key in (
+            "tokens_per_s", "step_p50_ms", "long_prompt_step_p50_ms", "long_prompt_step_max_ms"))
+        lines.append(f"{label:<{NAME_WIDTH}}{cells}")
+    return lines
 
 
 def _cell(value: Any) -> str:
