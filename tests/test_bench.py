@@ -109,10 +109,10 @@ def test_long_prompt_ratios_compare_each_chunk_size_with_whole_prompts() -> None
             "chunks_128": long_prompt_figures(2.0)}
     runs["chunks_128"]["tokens_per_s"] = 90.0
     ratios = _long_prompt_ratios(runs)
-    assert ratios == {"long_prompt_step_chunks_512_vs_whole": pytest.approx(0.5),
-                      "long_prompt_tokens_per_s_chunks_512_vs_whole": pytest.approx(1.0),
-                      "long_prompt_step_chunks_128_vs_whole": pytest.approx(0.25),
-                      "long_prompt_tokens_per_s_chunks_128_vs_whole": pytest.approx(0.9)}
+    assert ratios == {"long_prompt_spike_chunks_512_vs_whole": pytest.approx(0.5),
+                      "long_prompt_rate_chunks_512_vs_whole": pytest.approx(1.0),
+                      "long_prompt_spike_chunks_128_vs_whole": pytest.approx(0.25),
+                      "long_prompt_rate_chunks_128_vs_whole": pytest.approx(0.9)}
 
 
 @pytest.mark.model

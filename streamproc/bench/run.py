@@ -125,9 +125,9 @@ def _long_prompt_ratios(runs: dict[str, Any]) -> dict[str, float]:
     ratios = {}
     for label, run in runs.items():
         if label != "whole":
-            ratios[f"long_prompt_step_{label}_vs_whole"] = (
+            ratios[f"long_prompt_spike_{label}_vs_whole"] = (
                 run["long_prompt_step_p50_ms"] / max(whole["long_prompt_step_p50_ms"], 1e-9))
-            ratios[f"long_prompt_tokens_per_s_{label}_vs_whole"] = (
+            ratios[f"long_prompt_rate_{label}_vs_whole"] = (
                 run["tokens_per_s"] / max(whole["tokens_per_s"], 1e-9))
     return ratios
 

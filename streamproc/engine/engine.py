@@ -2,8 +2,10 @@
 
 Each :meth:`Engine.step` decodes one token for every running sequence, then
 prefills the newly admitted requests together and joins them to the running
-batch. A sequence retires the moment it finishes. The engine is synchronous
-and owned by one thread; the worker calls it off the event loop.
+batch. A prompt too long for one step is prefilled a chunk a step instead
+(:mod:`streamproc.engine.chunked`). A sequence retires the moment it finishes.
+The engine is synchronous and owned by one thread; the worker calls it off the
+event loop.
 """
 
 from __future__ import annotations
