@@ -42,9 +42,10 @@ def test_a_broker_that_cannot_start_leaves_nothing_running(tmp_path: Path) -> No
     assert localkafka.status(state_dir) is None
 
 
-def test_interrupting_a_start_leaves_nothing_running(tmp_path: Path) -> None:
-    """Ctrl-C during ``streamproc local-kafka start``: ZooKeeper and Kafka run in sessions of
-    their own, so the interrupt reaches only the command, which must stop them itself."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupting_a_start_leaves_nothing_running(tmp_path: Path, stop: int) -> None:
+    """Ctrl-C or `kill` during ``streamproc local-kafka start``: ZooKeeper and Kafka run in
+    sessions of their own, so the signal reaches only the command, which must stop them."""
     state_dir = tmp_path / "broker"
     command = [sys.executable, "-m", "streamproc", "local-kafka", "start",
                "--state-dir", str(state_dir)]
@@ -55,7 +56,7 @@ def test_interrupting_a_start_leaves_nothing_running(tmp_path: Path) -> None:
             assert starting.poll() is None
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        starting.send_signal(signal.SIGINT)
+        starting.send_signal(stop)
         assert starting.wait(60) != 0
     assert processes_mentioning(str(state_dir)) == []
     assert localkafka.status(state_dir) is None

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import NoReturn
 
 from streamproc.cli import bench_cmd, broker_cmds, demo_cmd, lag_cmd, submit_cmd, worker_cmd
 from streamproc.errors import OverloadedError, StreamprocError
@@ -30,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (`kill`, a supervisor) unwinds the command like Ctrl-C, so what it started
+        # (a local broker, the demo's worker, the bench's peers) is stopped, not left running.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return handler(args)
     except OverloadedError as exc:
@@ -40,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -177,11 +177,11 @@ class SlotBatch:
         free column after it: within the buffers if they are big enough, else in bigger
         ones."""
         # Moving copies the live columns: worth it only with room for a few steps after.
-        headroom = 1 + self.length // _MOVES_PER_WINDOW
-        if rows <= self._capacity_rows and end + headroom <= self._capacity_columns:
+        columns = end + 1 + self.length // _MOVES_PER_WINDOW
+        if rows <= self._capacity_rows and columns <= self._capacity_columns:
             self._move_window(end)
         else:
-            self._regrow(rows, end)
+            self._regrow(rows, end, columns)
 
     def _move_window(self, end: int) -> None:
         start = end - self.length
@@ -201,11 +201,11 @@ class SlotBatch:
             yield layer.key_buf, 2
             yield layer.value_buf, 2
 
-    def _regrow(self, rows: int, end: int) -> None:
-        """New buffers with room for ``rows`` rows and a window ending at ``end`` plus one
-        column, the window copied there."""
+    def _regrow(self, rows: int, end: int, columns: int) -> None:
+        """New buffers with room for ``rows`` rows and ``columns`` columns, the window copied
+        to end at column ``end``."""
         new_rows = max(self._capacity_rows, _room(rows))
-        new_columns = max(self._capacity_columns, _room(end + 1))
+        new_columns = max(self._capacity_columns, _room(columns))
         window = slice(self.start, self.end)
         target = slice(end - self.length, end)
         mask = _alloc_like(self._mask, (new_rows, new_columns))
