@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from streamproc.bench.chart import draw
-from streamproc.bench.long_prompts import long_prompt_run
+from streamproc.bench.long_prompts import compare_chunk_sizes
 from streamproc.bench.measure import Observation, summarize
 from streamproc.bench.peers import offline_ceiling, offline_engine
 from streamproc.bench.run import BenchSettings, _long_prompt_ratios, _targets, _timeline
@@ -118,13 +118,14 @@ def test_long_prompt_ratios_compare_each_chunk_size_with_whole_prompts() -> None
 @pytest.mark.model
 def test_long_prompt_runs_measure_the_steps_of_each_long_prompt(
         loaded_model: LoadedModel) -> None:
-    whole = long_prompt_run(loaded_model, 0, warm_steps=5, measured_steps=60)
-    chunked = long_prompt_run(loaded_model, 64, warm_steps=5, measured_steps=60)
-    for run in (whole, chunked):
+    runs = compare_chunk_sizes(loaded_model, (0, 64), rounds=2, warm_steps=5,
+                               measured_steps=60)
+    assert set(runs) == {"whole", "chunks_64"}
+    for run in runs.values():
         assert run["tokens_per_s"] > 0
         # Long prompts arrive at steps 0, 25 and 50: those whose first token came count.
         assert 0 < run["long_prompt_step_p50_ms"] <= run["long_prompt_step_max_ms"]
-    assert chunked["chunk_tokens"] == 64
+    assert runs["chunks_64"]["chunk_tokens"] == 64
 
 
 def test_table_and_chart_render_a_report(tmp_path: Path) -> None:

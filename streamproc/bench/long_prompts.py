@@ -9,7 +9,9 @@ prefilled whole makes one long step; in chunks, several short ones.
 from __future__ import annotations
 
 import random
+import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from streamproc import wire
@@ -22,8 +24,23 @@ RUNNING = 32
 SHORT_PROMPT, SHORT_NEW = 20, 64
 LONG_PROMPT, LONG_NEW = 900, 16
 LONG_EVERY_STEPS = 25
-WARM_STEPS, MEASURED_STEPS = 150, 1000
+WARM_STEPS, MEASURED_STEPS = 150, 600
+ROUNDS = 3
 """Measuring starts once the buffers have grown to hold a long prompt."""
+
+
+def compare_chunk_sizes(loaded: LoadedModel, chunk_sizes: Sequence[int], *,
+                        rounds: int = ROUNDS, **steps: int) -> dict[str, dict[str, float]]:
+    """Each chunk size (0: whole prompts) run ``rounds`` times, taking turns, so a change in
+    the machine's speed falls on all alike; per size (``whole`` or ``chunks_N``), the median
+    of each figure over its rounds."""
+    results: dict[int, list[dict[str, Any]]] = {size: [] for size in chunk_sizes}
+    for _ in range(rounds):
+        for size in chunk_sizes:
+            results[size].append(long_prompt_run(loaded, size, **steps))
+    return {(f"chunks_{size}" if size else "whole"):
+            {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            for size, runs in results.items()}
 
 
 def long_prompt_run(loaded: LoadedModel, chunk_tokens: int, *, warm_steps: int = WARM_STEPS,

@@ -20,7 +20,7 @@ import msgspec
 import torch
 
 from streamproc import topics, wire
-from streamproc.bench.long_prompts import LONG_PROMPT, RUNNING, long_prompt_run
+from streamproc.bench.long_prompts import LONG_PROMPT, ROUNDS, RUNNING, compare_chunk_sizes
 from streamproc.bench.measure import Observation, summarize
 from streamproc.bench.peers import offline_ceiling, offline_engine
 from streamproc.bench.serve import READY, Peer, PeerSpec
@@ -108,14 +108,11 @@ async def _offline_runs(loaded: LoadedModel, prompts: list[str], settings: Bench
 
 async def _long_prompt_runs(loaded: LoadedModel, progress: Progress) -> dict[str, Any]:
     """The engine alone with long prompts joining: prefilled whole, in a worker's default
-    chunks, and in small ones."""
-    runs: dict[str, Any] = {}
-    for chunk in (0, WorkerConfig().prefill_chunk_tokens, SMALL_CHUNK):
-        label = f"chunks_{chunk}" if chunk else "whole"
-        progress(f"long prompts: {LONG_PROMPT} tokens joining {RUNNING} running, "
-                 f"{'in chunks of ' + str(chunk) if chunk else 'prefilled whole'}")
-        runs[label] = await asyncio.to_thread(long_prompt_run, loaded, chunk)
-    return runs
+    chunks, and in small ones, taking turns."""
+    sizes = (0, WorkerConfig().prefill_chunk_tokens, SMALL_CHUNK)
+    progress(f"long prompts: {LONG_PROMPT} tokens joining {RUNNING} running, prefilled whole "
+             f"and in chunks of {sizes[1]} and {sizes[2]}, {ROUNDS} rounds")
+    return await asyncio.to_thread(compare_chunk_sizes, loaded, sizes)
 
 
 def _long_prompt_ratios(runs: dict[str, Any]) -> dict[str, float]:
