@@ -25,8 +25,8 @@ SHORT_PROMPT, SHORT_NEW = 20, 64
 LONG_PROMPT, LONG_NEW = 900, 16
 LONG_EVERY_STEPS = 25
 WARM_STEPS, MEASURED_STEPS = 150, 600
-ROUNDS = 3
 """Measuring starts once the buffers have grown to hold a long prompt."""
+ROUNDS = 3
 
 
 def compare_chunk_sizes(loaded: LoadedModel, chunk_sizes: Sequence[int], *,
