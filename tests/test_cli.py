@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,43 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
         main([*command, "--help"])
     assert exited.value.code == 0
     assert f"usage: streamproc {' '.join(command)}" in capsys.readouterr().out
+
+
+STUBBORN = """
+import asyncio, sys
+from streamproc.cli.main import raise_on_signals
+
+async def stubborn():
+    print("ready", flush=True)
+    for _ in range(40):  # 2 s, unless interrupted
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass  # lost, as a wait_for racing its inner future's completion can lose it
+
+if sys.argv[1] == "raise":
+    with raise_on_signals():
+        asyncio.run(stubborn())
+else:
+    asyncio.run(stubborn())
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("mode", "interrupted"), [("raise", True), ("asyncio", False)])
+def test_ctrl_c_is_not_lost_to_a_task_that_swallows_its_cancellation(
+        mode: str, interrupted: bool) -> None:
+    """Under the command line's handlers Ctrl-C raises at once. Under asyncio.run's own it
+    only cancels the main task, and one that swallows the cancellation runs on to the end:
+    a `local-kafka start` carried on that way and left its broker running."""
+    with subprocess.Popen([sys.executable, "-c", STUBBORN, mode], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True) as child:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGINT)
+        out = child.stdout.read()
+        assert (child.wait(30) != 0) is interrupted
+    assert ("finished" not in out) is interrupted
 
 
 def test_a_missing_broker_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,

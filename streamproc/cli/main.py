@@ -6,7 +6,8 @@ import argparse
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import FrameType
 from typing import NoReturn
 
@@ -34,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM (`kill`, a supervisor) unwinds the command like Ctrl-C, so what it started
-        # (a local broker, the demo's worker, the bench's peers) is stopped, not left running.
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    with raise_on_signals():
+        return _run(handler, args)
+
+
+def _run(handler: Handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except OverloadedError as exc:
@@ -48,6 +50,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+@contextmanager
+def raise_on_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM unwind the command wherever it is, so what it started (a local
+    broker, the demo's worker, the bench's peers) is stopped on the way out.
+
+    Ctrl-C raises KeyboardInterrupt at once, as Python's own handler does; being another
+    function than that handler keeps ``asyncio.run`` from installing its own, which turns a
+    first Ctrl-C into a cancellation of its main task: a task can lose a cancellation (on
+    Python 3.11, ``wait_for`` drops one that races its inner future's completion), and then
+    the command carries on as if nothing was pressed. SIGTERM (`kill`, a supervisor) exits
+    with 128 + 15. The worker's event loop sets its own handlers while it serves, to drain.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only it gets signals
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(sig, handler)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
