@@ -14,7 +14,7 @@ columns of a row hold real tokens.
   columns on its left, the window moves within the buffers; only when they are
   too small are bigger ones allocated (doubling rows or columns), so their cost
   is amortized over many steps. Allocating is what costs: fresh memory is
-  faulted in page by page (on the 2-core CPU, 30-80 ms for a few tens of MB,
+  faulted in page by page (on the 2-core CPU, 27-82 ms for a few to a few tens of MB,
   many decode steps' worth), while moving a window copies only its live columns;
 * :meth:`reserve` sizes the buffers once for a whole step's admissions, and a
   batch whose sequences all left keeps its buffers for the next ones.
