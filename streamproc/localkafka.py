@@ -240,18 +240,35 @@ async def _wait_for_group_coordinator(bootstrap: str, deadline: float) -> None:
     """A fresh broker creates its offsets topic at the first group lookup, and until that
     topic has a leader every consumer group's first join fails (aiokafka logs each such
     failure as an error). Look one up now, so the broker is ready for groups on return."""
+    while True:
+        try:
+            if await _look_up_group_coordinator(bootstrap):
+                return
+            failure = "its metadata lists no brokers"
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise LocalKafkaError(f"Kafka's group coordinator is not available: "
+                                      f"{exc}") from exc
+            failure = str(exc)
+        if time.monotonic() > deadline:
+            raise LocalKafkaError(f"Kafka's group coordinator is not available: {failure}")
+        await asyncio.sleep(0.1)
+
+
+async def _look_up_group_coordinator(bootstrap: str) -> bool:
+    """One lookup with a client of its own; False if the broker does not list itself yet.
+
+    A broker that has just logged its start can answer metadata before the controller has
+    told it who is in the cluster: an empty broker list, which aiokafka's lookup meets with
+    an AssertionError. A fresh client each try, because bootstrapping one twice would leave
+    its first connection open."""
     client = AIOKafkaClient(bootstrap_servers=bootstrap)
     try:
-        while True:
-            try:
-                await client.bootstrap()
-                await client.coordinator_lookup(CoordinationType.GROUP, "streamproc-ready")
-                return
-            except KafkaError as exc:
-                if not exc.retriable or time.monotonic() > deadline:
-                    raise LocalKafkaError(f"Kafka's group coordinator is not available: "
-                                          f"{exc}") from exc
-                await asyncio.sleep(0.1)
+        await client.bootstrap()
+        if not client.cluster.brokers():
+            return False
+        await client.coordinator_lookup(CoordinationType.GROUP, "streamproc-ready")
+        return True
     finally:
         await client.close()
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiokafka.protocol.admin import ApiVersionResponse_v0
+from aiokafka.protocol.coordination import FindCoordinatorResponse_v0
+from aiokafka.protocol.metadata import MetadataResponse_v0
 
 from streamproc import localkafka
 from streamproc.errors import LocalKafkaError
@@ -60,3 +66,66 @@ def test_interrupting_a_start_leaves_nothing_running(tmp_path: Path, stop: int) 
         assert starting.wait(60) != 0
     assert processes_mentioning(str(state_dir)) == []
     assert localkafka.status(state_dir) is None
+
+
+class BrokerNotYetListingItself:
+    """A stand-in for a Kafka broker in the moment after it logs its start, which a real one
+    cannot be held in on demand: its first ``empty_answers`` metadata answers list no brokers
+    (its controller has not told it who is in the cluster yet), later ones list itself, and it
+    names itself the group coordinator. It speaks just enough of the protocol for that, and
+    only in version 0 of each API."""
+
+    def __init__(self, empty_answers: int) -> None:
+        self.empty_answers = empty_answers
+        self.metadata_answers = 0
+        self.port = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                request = await reader.readexactly(size)
+                api_key = int.from_bytes(request[0:2], "big")
+                body = self.answer(api_key)
+                correlation_id = request[4:8]
+                writer.write(len(correlation_id + body).to_bytes(4, "big") + correlation_id + body)
+                await writer.drain()
+        except asyncio.IncompleteReadError:  # the client hung up
+            writer.close()
+
+    def answer(self, api_key: int) -> bytes:
+        if api_key == ApiVersionResponse_v0.API_KEY:
+            versions = [(key, 0, 0) for key in (MetadataResponse_v0.API_KEY,
+                                                 FindCoordinatorResponse_v0.API_KEY)]
+            return bytes(ApiVersionResponse_v0(0, versions).encode())
+        if api_key == MetadataResponse_v0.API_KEY:
+            self.metadata_answers += 1
+            listed = self.metadata_answers > self.empty_answers
+            brokers = [(0, "127.0.0.1", self.port)] if listed else []
+            return bytes(MetadataResponse_v0(brokers, []).encode())
+        assert api_key == FindCoordinatorResponse_v0.API_KEY, api_key
+        return bytes(FindCoordinatorResponse_v0(0, 0, "127.0.0.1", self.port).encode())
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        async with server:
+            yield f"127.0.0.1:{self.port}"
+
+
+async def test_the_ready_wait_retries_while_a_fresh_broker_lists_no_brokers() -> None:
+    """A CI run once failed every broker test here: aiokafka's lookup asserted on the empty
+    broker list instead of raising a retriable error."""
+    broker = BrokerNotYetListingItself(empty_answers=3)
+    async with broker.running() as address:
+        await localkafka._wait_for_group_coordinator(address, time.monotonic() + 30)
+    assert broker.metadata_answers > 3
+
+
+async def test_the_ready_wait_gives_up_with_a_clear_error_at_its_deadline() -> None:
+    broker = BrokerNotYetListingItself(empty_answers=10**6)
+    async with broker.running() as address:
+        with pytest.raises(LocalKafkaError, match="lists no brokers"):
+            await localkafka._wait_for_group_coordinator(address, time.monotonic() + 0.5)
+    assert broker.metadata_answers > 1
