@@ -63,11 +63,12 @@ def test_the_timeline_gives_each_answered_request_its_ttft_and_inter_token_p95()
 
 
 def fake_run(tokens_per_s: float) -> dict[str, Any]:
-    phase = {"tokens_per_s": tokens_per_s, "ttft_p95_ms": 50.0, "ttft_p99_ms": 60.0,
-             "itl_p95_ms": 5.0, "lost": 0}
+    phase = {"tokens_per_s": tokens_per_s, "ttft_p50_ms": 20.0, "ttft_p95_ms": 50.0,
+             "ttft_p99_ms": 60.0, "itl_p95_ms": 5.0, "lost": 0}
     return {**phase, "saturated_tokens_per_s": tokens_per_s, "completed": 3,
             "burst": dict(phase), "steady": dict(phase),
-            "phases": {"steady_2": dict(phase), "steady_8": dict(phase)}}
+            "phases": {"burst": dict(phase), "saturation": dict(phase),
+                       "steady_8": dict(phase), "steady_2": dict(phase)}}
 
 
 def test_targets_are_ratios_of_runs_measured_side_by_side() -> None:
@@ -89,6 +90,16 @@ def test_targets_are_ratios_of_runs_measured_side_by_side() -> None:
     assert targets["ratios"]["throughput_vs_naive"] == pytest.approx(11.25)
     assert targets["ratios"]["ttft_p99_vs_fixed_window"] == pytest.approx(0.25)
     assert all(targets["met"].values())
+    fixed["steady"]["ttft_p50_ms"] = 80.0
+    fixed["phases"]["steady_8"]["ttft_p99_ms"] = 120.0
+    by_phase = _targets(runs, BenchSettings())["ratios"]
+    assert by_phase["ttft_p50_vs_fixed_window"] == pytest.approx(0.25)
+    assert by_phase["ttft_p99_vs_fixed_window_steady_8"] == pytest.approx(0.5)
+    assert by_phase["ttft_p99_vs_fixed_window_steady_2"] == pytest.approx(1.0)
+    assert by_phase["ttft_p99_vs_fixed_window_burst"] == pytest.approx(1.0)
+    assert "ttft_p99_vs_fixed_window_saturation" not in by_phase
+    assert [k for k in by_phase if k.startswith("ttft_p99_vs_fixed_window_")] == [
+        f"ttft_p99_vs_fixed_window_{p}" for p in ("steady_2", "steady_8", "burst")]
     ours["lost"] = 1
     del runs["offline_engine_worker_threads"], runs["offline_engine_sampled"]
     fixed["burst"]["itl_p95_ms"] = 100.0
