@@ -240,6 +240,7 @@ async def _wait_for_group_coordinator(bootstrap: str, deadline: float) -> None:
     """A fresh broker creates its offsets topic at the first group lookup, and until that
     topic has a leader every consumer group's first join fails (aiokafka logs each such
     failure as an error). Look one up now, so the broker is ready for groups on return."""
+    unavailable = "Kafka's group coordinator is not available"
     while True:
         try:
             if await _look_up_group_coordinator(bootstrap):
@@ -247,11 +248,10 @@ async def _wait_for_group_coordinator(bootstrap: str, deadline: float) -> None:
             failure = "its metadata lists no brokers"
         except KafkaError as exc:
             if not exc.retriable:
-                raise LocalKafkaError(f"Kafka's group coordinator is not available: "
-                                      f"{exc}") from exc
+                raise LocalKafkaError(f"{unavailable}: {exc}") from exc
             failure = str(exc)
         if time.monotonic() > deadline:
-            raise LocalKafkaError(f"Kafka's group coordinator is not available: {failure}")
+            raise LocalKafkaError(f"{unavailable}: {failure}")
         await asyncio.sleep(0.1)
 
 

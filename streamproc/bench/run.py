@@ -296,7 +296,6 @@ def _targets(runs: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
     return {"ratios": ratio, "met": met}
 
 
-
 def _ttft_by_phase(ours: dict[str, Any], fixed: dict[str, Any]) -> dict[str, float]:
     """TTFT p99 against the fixed window's, phase by phase (steady rates and the burst), and
     the steady median: the target pools the steady phases, where a few slow requests decide
