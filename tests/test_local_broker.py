@@ -1,4 +1,8 @@
-"""The local broker the project provisions: a start that fails leaves nothing behind."""
+"""The local broker the project provisions: a start that fails leaves nothing behind.
+
+The tests that start Kafka itself are marked ``kafka``; the ready wait's tests talk
+to a stand-in and run under ``make unit`` too.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +24,6 @@ from aiokafka.protocol.metadata import MetadataResponse_v0
 from streamproc import localkafka
 from streamproc.errors import LocalKafkaError
 
-pytestmark = pytest.mark.kafka
-
 
 def processes_mentioning(text: str) -> list[int]:
     """Pids of running processes whose command line contains ``text``."""
@@ -37,6 +39,7 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+@pytest.mark.kafka
 def test_a_broker_that_cannot_start_leaves_nothing_running(tmp_path: Path) -> None:
     state_dir = tmp_path / "broker"
     with socket.socket() as taken:  # Kafka's port is in use: it exits during its start
@@ -48,6 +51,7 @@ def test_a_broker_that_cannot_start_leaves_nothing_running(tmp_path: Path) -> No
     assert localkafka.status(state_dir) is None
 
 
+@pytest.mark.kafka
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupting_a_start_leaves_nothing_running(tmp_path: Path, stop: int) -> None:
     """Ctrl-C or `kill` during ``streamproc local-kafka start``: ZooKeeper and Kafka run in
