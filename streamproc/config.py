@@ -23,6 +23,8 @@ DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_LANE = "streamproc.requests.default"
 """Where jobs go unless their producer picks another lane."""
 ENV_PREFIX = "STREAMPROC_"
+DEFAULT_PREFILL_CHUNK_TOKENS = 512
+"""The engine's and the worker's default for :attr:`WorkerConfig.prefill_chunk_tokens`."""
 
 
 def bootstrap_from_env(environ: Mapping[str, str] | None = None) -> str | None:
@@ -152,7 +154,7 @@ class WorkerConfig:
     """Most sequences decoding together."""
     max_batch_tokens: int = 4096
     """Most prompt tokens prefilled in one step (budget in tokens, not requests)."""
-    prefill_chunk_tokens: int = 512
+    prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS
     """Longer prompts are prefilled this many tokens a step, so the running sequences keep
     decoding meanwhile instead of waiting for the whole prompt; 0: every prompt at once."""
     batch_window_ms: float = 10.0

@@ -16,6 +16,7 @@ import time
 import torch
 from transformers import Cache, DynamicCache
 
+from streamproc.config import DEFAULT_PREFILL_CHUNK_TOKENS
 from streamproc.engine.chunked import PartialPrefill, needs_chunks
 from streamproc.engine.grouping import (
     DEFAULT_OVERHEAD_TOKENS,
@@ -30,7 +31,8 @@ from streamproc.wire import GenerationParams, GenerationRequest
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, *, prefill_chunk_tokens: int = 512) -> None:
+    def __init__(self, loaded: LoadedModel, *,
+                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS) -> None:
         """``prefill_chunk_tokens``: longer prompts are prefilled that many tokens a step
         (see :mod:`streamproc.engine.chunked`); 0: every prompt in one pass."""
         if prefill_chunk_tokens < 0:
