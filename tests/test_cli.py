@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import subprocess
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from streamproc.cli.main import main
+from streamproc.cli import worker_cmd
+from streamproc.cli.main import build_parser, main
 from streamproc.config import WorkerConfig
 from streamproc.worker.app import Worker
 
@@ -27,6 +29,35 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
     assert exited.value.code == 0
     assert f"usage: streamproc {' '.join(command)}" in capsys.readouterr().out
 
+
+
+
+def options_without_help(parser: argparse.ArgumentParser, command: str = "") -> list[str]:
+    """Every argument of ``parser`` and its subcommands that --help would leave bare."""
+    bare = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                bare += options_without_help(subparser, f"{command} {name}".strip())
+        elif not action.help:
+            bare.append(f"{command} {'/'.join(action.option_strings) or action.dest}")
+    return bare
+
+
+def test_every_option_says_what_it_does() -> None:
+    assert options_without_help(build_parser()) == []
+
+def test_worker_help_shows_the_config_defaults(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The defaults --help prints are read from the config, so they follow a change there."""
+    changed = WorkerConfig(max_batch_size=77, prefill_chunk_tokens=333, window_max_ms=12.5)
+    monkeypatch.setattr(worker_cmd, "_DEFAULTS", changed)
+    with pytest.raises(SystemExit):
+        main(["worker", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "most sequences decoding together (77)" in shown
+    assert "in between (333; 0: whole prompts)" in shown
+    assert "adaptive: longest window (12.5)" in shown
 
 STUBBORN = """
 import asyncio, sys

@@ -16,6 +16,8 @@ from streamproc.cli.demo_cmd import local_broker, tiny_model
 from streamproc.config import bootstrap_from_env
 from streamproc.engine.loader import load_model
 
+_TRACE = TraceSettings()
+_SETTINGS = BenchSettings()
 NAME_WIDTH = 30
 """Wide enough for every run name, with " (burst)" after the peers'."""
 COLUMNS = [("tokens_per_s", "tok/s"), ("saturated_tokens_per_s", "sat tok/s"),
@@ -33,16 +35,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "alone, both without Kafka. Writes a JSON report and a PNG chart.")
     add_bootstrap(p)
     p.add_argument("--model", help="model (default: the tiny local model)")
-    p.add_argument("--json", type=Path, default=Path("bench-report.json"))
-    p.add_argument("--png", type=Path, default=Path("bench-report.png"))
-    p.add_argument("--rates", default="2,5,10", help="steady phases, requests/s (2,5,10)")
-    p.add_argument("--phase-seconds", type=float, default=10.0)
-    p.add_argument("--saturation", type=int, default=1000,
-                   help="requests in the last wave, all at once (1000): enough that batches "
-                   "run full for a while, not just ramp up and down")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--ttft-target-ms", type=float, default=1000.0)
-    p.add_argument("--itl-target-ms", type=float, default=100.0)
+    p.add_argument("--json", type=Path, default=Path("bench-report.json"),
+                   help="where the JSON report goes (%(default)s)")
+    p.add_argument("--png", type=Path, default=Path("bench-report.png"),
+                   help="where the chart goes (%(default)s)")
+    p.add_argument("--rates", default=",".join(f"{r:g}" for r in _TRACE.rates),
+                   help="steady phases, requests/s (%(default)s)")
+    p.add_argument("--phase-seconds", type=float, default=_TRACE.phase_s,
+                   help="length of each steady phase (%(default)g)")
+    p.add_argument("--saturation", type=int, default=_TRACE.saturation_requests,
+                   help="requests in the last wave, all at once (%(default)s): enough that "
+                   "batches run full for a while, not just ramp up and down")
+    p.add_argument("--max-new-tokens", type=int, default=_TRACE.max_new_tokens,
+                   help="tokens generated per request (%(default)s)")
+    p.add_argument("--ttft-target-ms", type=float, default=_SETTINGS.ttft_target_s * 1000,
+                   help="streamproc's time-to-first-token p95 target (%(default)g)")
+    p.add_argument("--itl-target-ms", type=float, default=_SETTINGS.itl_target_s * 1000,
+                   help="streamproc's inter-token p95 target (%(default)g)")
     p.set_defaults(handler=_main)
 
 

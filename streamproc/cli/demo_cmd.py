@@ -45,8 +45,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "stop everything it started.")
     add_bootstrap(p)
     p.add_argument("--model", help="model for the worker (default: a tiny local model)")
-    p.add_argument("--prompts", type=int, default=8, help="how many prompts (8)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--prompts", type=int, default=8, help="how many prompts (%(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=48,
+                   help="tokens per prompt (%(default)s)")
     p.add_argument("--no-worker", action="store_true",
                    help="start no worker: use those already serving the broker "
                    "(e.g. the docker-compose stack)")

@@ -28,9 +28,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--group", action="append", dest="groups", metavar="GROUP",
                    help="consumer group (repeatable; default: streamproc-workers)")
     p.add_argument("--topics-dir", type=Path, help="topic declarations (default: ./topics)")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between looks (2)")
+    p.add_argument("--interval", type=float, default=2.0,
+                   help="seconds between looks (%(default)g)")
     p.add_argument("--window", type=int, default=3,
-                   help="looks over which health is judged (3); --once takes this many")
+                   help="looks over which health is judged (%(default)s); --once takes this many")
     p.add_argument("--once", action="store_true", help="print once and exit")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.set_defaults(handler=_main)

@@ -18,6 +18,7 @@ from streamproc.errors import GenerationError
 from streamproc.flow.admission import AdmissionPolicy
 
 _DEFAULTS = TopicNames()
+_ADMISSION = AdmissionPolicy()
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,25 +29,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-f", "--file", help="read prompts from FILE, one per line ('-' for stdin)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON line per finished request")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="most tokens to generate (%(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: smallest set of tokens holding this much "
+                   "probability (%(default)g: all)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int,
+                   help="sampling seed (default: derived from the request id)")
     p.add_argument("--request-topic", default=DEFAULT_LANE,
                    help=f"the lane (default {DEFAULT_LANE}; streamproc.requests.high goes first)")
-    p.add_argument("--reply-topic", default=_DEFAULTS.responses)
-    p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0, help="give up after SECONDS (600)")
+    p.add_argument("--reply-topic", default=_DEFAULTS.responses,
+                   help="where the tokens come back (%(default)s)")
+    p.add_argument("--priority", type=int, default=0,
+                   help="the job's priority, which --admission shed compares (%(default)s)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="give up after SECONDS (%(default)g)")
     adm = p.add_argument_group("admission", "check the lane's backlog before submitting")
     adm.add_argument("--admission", choices=["block", "reject", "shed"],
                      help="block: wait until the drain time is under --max-drain; reject: "
                      "fail at once; shed: fail only jobs below --shed-below-priority")
-    adm.add_argument("--max-drain", type=float, default=30.0,
-                     help="estimated drain time, in seconds, counted as overloaded (30)")
-    adm.add_argument("--admission-timeout", type=float, default=60.0,
-                     help="block: how long to wait (60)")
-    adm.add_argument("--shed-below-priority", type=int, default=1)
+    adm.add_argument("--max-drain", type=float, default=_ADMISSION.max_drain_s,
+                     help="estimated drain time, in seconds, counted as overloaded (%(default)g)")
+    adm.add_argument("--admission-timeout", type=float, default=_ADMISSION.timeout_s,
+                     help="block: how long to wait (%(default)g)")
+    adm.add_argument("--shed-below-priority", type=int, default=_ADMISSION.shed_below_priority,
+                     help="shed: jobs below this priority are refused (%(default)s)")
     adm.add_argument("--group", default="streamproc-workers",
                      help="the workers' consumer group, whose lag is checked")
     add_bootstrap(p)
@@ -57,8 +66,10 @@ def register_cancel(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser("cancel", help="cancel requests by id",
                        description="Publish a cancellation for each REQUEST_ID on the control "
                        "topic; the request ends with a final 'cancelled' message.")
-    p.add_argument("request_ids", nargs="+", metavar="REQUEST_ID")
-    p.add_argument("--control-topic", default=_DEFAULTS.control)
+    p.add_argument("request_ids", nargs="+", metavar="REQUEST_ID",
+                   help="the request ids to cancel")
+    p.add_argument("--control-topic", default=_DEFAULTS.control,
+                   help="where the workers read cancellations (%(default)s)")
     add_bootstrap(p)
     p.set_defaults(handler=_cancel)
 

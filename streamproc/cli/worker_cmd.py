@@ -16,6 +16,7 @@ from streamproc.topics import load_specs, topic_names
 from streamproc.worker.app import Worker
 
 log = logging.getLogger("streamproc.worker")
+_DEFAULTS = WorkerConfig()
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,44 +25,63 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "Every option also reads STREAMPROC_<OPTION> from the environment.")
     add_bootstrap(p)
     p.add_argument("--model", help="Hugging Face hub id or local model directory (required)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
-    p.add_argument("--cpu-threads", type=int,
-                   help="on CPU, torch kernel threads (default 0: one less than the cores)")
-    p.add_argument("--group", dest="group_id", help="consumer group (default: streamproc-workers)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help=_help("default: {}", "device"))
+    p.add_argument("--cpu-threads", type=int, help=_help(
+        "on CPU, torch kernel threads (default {}: one less than the cores)", "cpu_threads"))
+    p.add_argument("--group", dest="group_id",
+                   help=_help("consumer group (default: {})", "group_id"))
     p.add_argument("--topics-dir", type=Path, help="topic declarations (default: ./topics)")
-    p.add_argument("--max-batch-size", type=int, help="most sequences decoding together (32)")
-    p.add_argument("--max-batch-tokens", type=int, help="most prompt tokens per prefill (4096)")
-    p.add_argument("--prefill-chunk-tokens", type=int,
-                   help="prefill longer prompts this many tokens a step, decoding the running "
-                   "sequences in between (512; 0: whole prompts)")
-    p.add_argument("--batch-policy", choices=["adaptive", "fixed"],
-                   help="adaptive (default): window and admission size follow latency")
+    p.add_argument("--max-batch-size", type=int,
+                   help=_help("most sequences decoding together ({})", "max_batch_size"))
+    p.add_argument("--max-batch-tokens", type=int,
+                   help=_help("most prompt tokens per prefill ({})", "max_batch_tokens"))
+    p.add_argument("--prefill-chunk-tokens", type=int, help=_help(
+        "prefill longer prompts this many tokens a step, decoding the running sequences in "
+        "between ({}; 0: whole prompts)", "prefill_chunk_tokens"))
+    p.add_argument("--batch-policy", choices=["adaptive", "fixed"], help=_help(
+        "adaptive: window and admission size follow latency (default: {})", "batch_policy"))
     p.add_argument("--batch-window-ms", type=float,
-                   help="fixed: gather window when idle (10)")
-    p.add_argument("--window-min-ms", type=float, help="adaptive: shortest window (1)")
-    p.add_argument("--window-max-ms", type=float, help="adaptive: longest window (100)")
-    p.add_argument("--ttft-target-ms", type=float, help="adaptive: TTFT p95 target (1000)")
-    p.add_argument("--itl-target-ms", type=float, help="adaptive: inter-token p95 target (100)")
-    p.add_argument("--chunk-rate", type=float,
-                   help="chunks/s to publish over all streams; a stream's tokens merge for up "
-                   "to streams/rate s, at most half the inter-token target (2000; 0: off)")
-    p.add_argument("--max-inflight", type=int, help="most requests held before pausing (256)")
-    p.add_argument("--max-new-tokens-cap", type=int, help="cap on max_new_tokens (1024)")
-    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float,
-                   help="seconds to finish running requests on shutdown (30)")
-    p.add_argument("--close-timeout", dest="close_timeout_s", type=float,
-                   help="then seconds to flush, commit and close the Kafka clients; also "
-                        "bounds a rebalance's flush and commit (10)")
-    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (8192)")
+                   help=_help("fixed: gather window when idle ({})", "batch_window_ms"))
+    p.add_argument("--window-min-ms", type=float,
+                   help=_help("adaptive: shortest window ({})", "window_min_ms"))
+    p.add_argument("--window-max-ms", type=float,
+                   help=_help("adaptive: longest window ({})", "window_max_ms"))
+    p.add_argument("--ttft-target-ms", type=float,
+                   help=_help("adaptive: TTFT p95 target ({})", "ttft_target_ms"))
+    p.add_argument("--itl-target-ms", type=float,
+                   help=_help("adaptive: inter-token p95 target ({})", "itl_target_ms"))
+    p.add_argument("--chunk-rate", type=float, help=_help(
+        "chunks/s to publish over all streams; a stream's tokens merge for up to streams/rate "
+        "s, at most half the inter-token target ({}; 0: off)", "chunk_rate"))
+    p.add_argument("--max-inflight", type=int,
+                   help=_help("most requests held before pausing ({})", "max_inflight"))
+    p.add_argument("--max-new-tokens-cap", type=int,
+                   help=_help("cap on max_new_tokens ({})", "max_new_tokens_cap"))
+    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, help=_help(
+        "seconds to finish running requests on shutdown ({})", "drain_timeout_s"))
+    p.add_argument("--close-timeout", dest="close_timeout_s", type=float, help=_help(
+        "then seconds to flush, commit and close the Kafka clients; also bounds a "
+        "rebalance's flush and commit ({})", "close_timeout_s"))
+    p.add_argument("--max-prompt-tokens", type=int,
+                   help=_help("longest prompt accepted ({})", "max_prompt_tokens"))
     p.add_argument("--reply-topic-pattern", help="regex of extra reply topics jobs may name")
     p.add_argument("--allow-unsafe-weights", action="store_true", default=None,
                    help="also load pickle-based .bin weights (default: safetensors only)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (off)")
-    p.add_argument("--metrics-address", help="metrics bind address (127.0.0.1)")
+    p.add_argument("--metrics-address",
+                   help=_help("metrics bind address ({})", "metrics_address"))
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one object per line, with request_id/topic/partition/offset")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(handler=_main)
+
+
+def _help(text: str, field: str) -> str:
+    """``text`` with ``field``'s default in place of ``{}``: the default is written once, in
+    the config, and --help cannot drift from it."""
+    value = getattr(_DEFAULTS, field)
+    return text.format(f"{value:g}" if isinstance(value, float) else value)
 
 
 def _main(args: argparse.Namespace) -> int:
