@@ -26,6 +26,7 @@ from streamproc.engine.detokenize import IncrementalDetokenizer
 from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel
 from streamproc.engine.sequence import PreparedRequest
+from streamproc.engine.threads import apply_serving_threads
 
 
 class _StepStreamer(BaseStreamer):
@@ -66,6 +67,9 @@ class GeneratePeer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # Under the worker's thread policy, as Worker.start applies it to itself, so no
+        # peer loses to its own I/O competing with torch's kernel threads.
+        apply_serving_threads(self._loaded.device, 0)
         await self._producer.start()
         await self._consumer.start()
         self._task = asyncio.create_task(self._serve())

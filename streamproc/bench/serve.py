@@ -21,7 +21,6 @@ from streamproc.bench.peers import GeneratePeer
 from streamproc.cli.common import run
 from streamproc.config import TopicNames, WorkerConfig
 from streamproc.engine.loader import LoadedModel, load_model
-from streamproc.engine.threads import apply_serving_threads
 from streamproc.worker.app import Worker
 
 READY = "ready"
@@ -63,9 +62,6 @@ def make_peer(spec: PeerSpec, loaded: LoadedModel) -> Peer:
 
 async def serve(spec: PeerSpec) -> None:
     loaded = load_model(spec.model, "auto")
-    # Every peer serves under the worker's thread policy, so none of them loses to
-    # its own I/O competing with torch's kernel threads.
-    apply_serving_threads(loaded.device, 0)
     peer = make_peer(spec, loaded)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
