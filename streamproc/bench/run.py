@@ -56,7 +56,25 @@ async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,
                     settings: BenchSettings, progress: Progress) -> dict[str, Any]:
     trace = build(settings.trace)
     progress(f"trace: {len(trace)} requests, {settings.trace.max_new_tokens} tokens each")
-    runs: dict[str, Any] = {}
+    observations = await replay_peers(bootstrap, model_dir, trace, settings, progress)
+    runs: dict[str, Any] = {name: _summaries(o, settings) for name, o in observations.items()}
+    runs.update(await _offline_runs(loaded, [a.prompt for a in trace[:64]], settings,
+                                    progress))
+    long_prompts = await _long_prompt_runs(loaded, progress)
+    targets = _targets(runs, settings)
+    targets["ratios"].update(_long_prompt_ratios(long_prompts))
+    return {"runs": runs, "targets": targets, "long_prompts": long_prompts,
+            "settings": {"trace": settings.trace.__dict__, "ttft_target_ms":
+                         settings.ttft_target_s * 1000, "itl_target_ms":
+                         settings.itl_target_s * 1000},
+            "timelines": {n: _timeline(o) for n, o in observations.items()}}
+
+
+async def replay_peers(bootstrap: str, model_dir: str, trace: list[Arrival],
+                       settings: BenchSettings, progress: Progress
+                       ) -> dict[str, list[Observation]]:
+    """Each peer in turn, in a process of its own and on fresh topics, serving ``trace``:
+    every request as the client saw it."""
     observations: dict[str, list[Observation]] = {}
     for name in PEERS:
         # What the bench process holds so far (the model, earlier runs' observations) leaves
@@ -68,17 +86,7 @@ async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,
         peer = _make_peer(name, bootstrap, names, model_dir, settings)
         observations[name] = await _replay(name, peer, bootstrap, names, trace, settings,
                                            progress)
-        runs[name] = _summaries(observations[name], settings)
-    runs.update(await _offline_runs(loaded, [a.prompt for a in trace[:64]], settings,
-                                    progress))
-    long_prompts = await _long_prompt_runs(loaded, progress)
-    targets = _targets(runs, settings)
-    targets["ratios"].update(_long_prompt_ratios(long_prompts))
-    return {"runs": runs, "targets": targets, "long_prompts": long_prompts,
-            "settings": {"trace": settings.trace.__dict__, "ttft_target_ms":
-                         settings.ttft_target_s * 1000, "itl_target_ms":
-                         settings.itl_target_s * 1000},
-            "timelines": {n: _timeline(o) for n, o in observations.items()}}
+    return observations
 
 
 async def _offline_runs(loaded: LoadedModel, prompts: list[str], settings: BenchSettings,
