@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -58,6 +60,28 @@ def test_worker_help_shows_the_config_defaults(monkeypatch: pytest.MonkeyPatch,
     assert "most sequences decoding together (77)" in shown
     assert "in between (333; 0: whole prompts)" in shown
     assert "adaptive: longest window (12.5)" in shown
+
+
+NOT_CONFIG = {"bootstrap", "topics_dir", "log_format", "verbose", "handler", "command"}
+"""Worker options that are not WorkerConfig fields (the bootstrap is passed on its own)."""
+
+
+def test_every_worker_option_given_reaches_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("STREAMPROC_"):
+            monkeypatch.delenv(name)
+    args = build_parser().parse_args([
+        "worker", "--bootstrap", "broker:9092", "--model", "m", "--max-batch-size", "7",
+        "--prefill-chunk-tokens", "64", "--chunk-rate", "5", "--close-timeout", "3",
+        "--group", "g", "--allow-unsafe-weights", "--metrics-address", "0.0.0.0"])
+    config = worker_cmd.config_from_args(args)
+    assert (config.bootstrap, config.model, config.max_batch_size) == ("broker:9092", "m", 7)
+    assert (config.prefill_chunk_tokens, config.chunk_rate, config.close_timeout_s) == (64, 5, 3)
+    assert (config.group_id, config.allow_unsafe_weights) == ("g", True)
+    assert config.metrics_address == "0.0.0.0"
+    assert config.max_inflight == WorkerConfig().max_inflight  # not given: the default
+    config_fields = {f.name for f in dataclasses.fields(WorkerConfig)}
+    assert set(vars(args)) - NOT_CONFIG <= config_fields  # no option is silently dropped
 
 STUBBORN = """
 import asyncio, sys

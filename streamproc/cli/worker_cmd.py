@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from streamproc.cli.common import add_bootstrap, bootstrap, run, setup_logging
@@ -86,18 +86,19 @@ def _help(text: str, field: str) -> str:
 
 def _main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose, args.log_format)
-    overrides = {k: getattr(args, k) for k in (
-        "model", "device", "cpu_threads", "group_id", "max_batch_size", "max_batch_tokens",
-        "prefill_chunk_tokens",
-        "batch_window_ms", "batch_policy", "window_min_ms", "window_max_ms", "ttft_target_ms",
-        "itl_target_ms", "chunk_rate", "max_inflight", "max_new_tokens_cap", "drain_timeout_s",
-        "close_timeout_s", "metrics_port", "metrics_address", "max_prompt_tokens",
-        "allow_unsafe_weights", "reply_topic_pattern")}
+    return run(serve(config_from_args(args)))
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    """Defaults, then the environment, then every option given that names a config field
+    (an option not given is None and leaves the field as it was)."""
+    given = vars(args)
+    overrides = {f.name: given[f.name] for f in fields(WorkerConfig)
+                 if f.name in given and f.name != "bootstrap"}
     config = WorkerConfig.from_env(bootstrap=bootstrap(args), **overrides)
     names = replace(topic_names(load_specs(args.topics_dir)),
                     allowed_reply_pattern=config.reply_topic_pattern)
-    config = replace(config, topics=names)
-    return run(serve(config))
+    return replace(config, topics=names)
 
 
 async def serve(config: WorkerConfig) -> int:
