@@ -20,10 +20,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -155,11 +156,13 @@ def start(state_dir: Path | None = None, *, port: int | None = None,
     deadline = time.monotonic() + timeout_s
     spawned: list[int] = []
     try:
-        zk = _spawn(install, state_dir, "zookeeper", _zookeeper_props(state_dir, zk_port))
-        spawned.append(zk.pid)
+        with _signals_held():  # an interrupt lands after the bookkeeping, never before it
+            zk = _spawn(install, state_dir, "zookeeper", _zookeeper_props(state_dir, zk_port))
+            spawned.append(zk.pid)
         props = _kafka_props(state_dir, zk_port, kafka_port, sasl_port, sasl_users or {})
-        kafka = _spawn(install, state_dir, "kafka", props)
-        spawned.append(kafka.pid)
+        with _signals_held():
+            kafka = _spawn(install, state_dir, "kafka", props)
+            spawned.append(kafka.pid)
         state = BrokerState(f"127.0.0.1:{kafka_port}", kafka.pid, zk.pid, str(state_dir),
                             f"127.0.0.1:{sasl_port}" if sasl_port else "")
         _state_file(state_dir).write_text(json.dumps(asdict(state)))
@@ -171,6 +174,29 @@ def start(state_dir: Path | None = None, *, port: int | None = None,
         _stop_processes(state_dir, reversed(spawned), STOP_TIMEOUT_S)
         raise
     return state
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends, then take their usual course, so a
+    process spawned in it is recorded (and stopped by the cleanup) before an interrupt can
+    unwind past it. Only the main thread handles signals; in another this holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: held.append(signum))
+                for s in _HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for held_signal, handler in previous.items():
+            signal.signal(held_signal, signal.SIG_DFL if handler is None else handler)
+        for signum in held:
+            signal.raise_signal(signum)
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _spawn(install: Install, state_dir: Path, name: str, props: str) -> subprocess.Popen[bytes]:

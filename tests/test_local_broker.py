@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -71,6 +73,50 @@ def test_interrupting_a_start_leaves_nothing_running(tmp_path: Path, stop: int) 
     assert processes_mentioning(str(state_dir)) == []
     assert localkafka.status(state_dir) is None
 
+
+
+def test_an_interrupt_during_a_spawn_waits_for_its_bookkeeping() -> None:
+    """Ctrl-C inside the held block lands when the block ends, so a process spawned there
+    is already recorded for the cleanup; the handler is the one from before."""
+    recorded = []
+
+    def spawn_interrupted() -> None:
+        with localkafka._signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # a handler would have run by now
+            recorded.append("spawned")
+
+    with pytest.raises(KeyboardInterrupt):
+        spawn_interrupted()
+    assert recorded == ["spawned"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_sigterm_during_a_spawn_reaches_the_handler_from_before() -> None:
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append(signum))
+    try:
+        with localkafka._signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert seen == []
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_outside_the_main_thread_nothing_is_held() -> None:
+    """Only the main thread may set handlers; elsewhere the block just runs."""
+    ran: list[bool] = []
+
+    def spawn_in_a_thread() -> None:
+        with localkafka._signals_held():
+            ran.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+    thread = threading.Thread(target=spawn_in_a_thread)
+    thread.start()
+    thread.join()
+    assert ran == [True]
 
 class BrokerNotYetListingItself:
     """A stand-in for a Kafka broker in the moment after it logs its start, which a real one
