@@ -161,13 +161,10 @@ def start(state_dir: Path | None = None, *, port: int | None = None,
     deadline = time.monotonic() + timeout_s
     spawned: list[int] = []
     try:
-        with _signals_held():  # an interrupt lands after the bookkeeping, never before it
-            zk = _spawn(install, state_dir, "zookeeper", _zookeeper_props(state_dir, zk_port))
-            spawned.append(zk.pid)
+        zk = _spawn(install, state_dir, "zookeeper", _zookeeper_props(state_dir, zk_port),
+                    spawned)
         props = _kafka_props(state_dir, zk_port, kafka_port, sasl_port, sasl_users or {})
-        with _signals_held():
-            kafka = _spawn(install, state_dir, "kafka", props)
-            spawned.append(kafka.pid)
+        kafka = _spawn(install, state_dir, "kafka", props, spawned)
         state = BrokerState(f"127.0.0.1:{kafka_port}", kafka.pid, zk.pid, str(state_dir),
                             f"127.0.0.1:{sasl_port}" if sasl_port else "")
         _state_file(state_dir).write_text(json.dumps(asdict(state)))
@@ -179,6 +176,9 @@ def start(state_dir: Path | None = None, *, port: int | None = None,
         _stop_processes(state_dir, reversed(spawned), STOP_TIMEOUT_S)
         raise
     return state
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
@@ -201,20 +201,22 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _spawn(install: Install, state_dir: Path, name: str, props: str) -> subprocess.Popen[bytes]:
+def _spawn(install: Install, state_dir: Path, name: str, props: str,
+           spawned: list[int]) -> subprocess.Popen[bytes]:
+    """Start ``name`` and add its pid to ``spawned`` (what a failed start stops)."""
     config = state_dir / f"{name}.properties"
     config.write_text(props)
     script = "zookeeper-server-start.sh" if name == "zookeeper" else "kafka-server-start.sh"
     env = start_script_env(os.environ, install.java_home, state_dir, name)
     out = (state_dir / f"{name}.out").open("wb")
-    # A session of its own: the broker outlives the command that started it.
-    child = subprocess.Popen([str(install.kafka_home / "bin" / script), str(config)], env=env,
-                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    with _signals_held():  # an interrupt lands after the bookkeeping, never before it
+        # A session of its own: the broker outlives the command that started it.
+        child = subprocess.Popen([str(install.kafka_home / "bin" / script), str(config)],
+                                 env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        spawned.append(child.pid)
+        _children[child.pid] = child
     out.close()
-    _children[child.pid] = child
     return child
 
 
@@ -323,7 +325,7 @@ def restart_broker(state_dir: Path, timeout_s: float = 90.0) -> BrokerState:
     state = _read_state(state_dir)
     install = provision(progress=lambda _: None)
     props = (state_dir / "kafka.properties").read_text()
-    kafka = _spawn(install, state_dir, "kafka", props)
+    kafka = _spawn(install, state_dir, "kafka", props, spawned=[])
     restarted = BrokerState(state.bootstrap, kafka.pid, state.zookeeper_pid, state.state_dir)
     _state_file(state_dir).write_text(json.dumps(asdict(restarted)))
     _wait_ready(state_dir / "kafka.out", kafka, timeout_s)

@@ -74,7 +74,6 @@ def test_interrupting_a_start_leaves_nothing_running(tmp_path: Path, stop: int) 
     assert localkafka.status(state_dir) is None
 
 
-
 def test_an_interrupt_during_a_spawn_waits_for_its_bookkeeping() -> None:
     """Ctrl-C inside the held block lands when the block ends, so a process spawned there
     is already recorded for the cleanup; the handler is the one from before."""
@@ -130,6 +129,7 @@ def test_the_start_scripts_run_the_quick_compiler_only_unless_the_user_says(
                                       tmp_path, name)
     # The JVM takes the last of two settings: the user's.
     assert own["KAFKA_OPTS"] == f"{localkafka.JIT_OPTS} -XX:TieredStopAtLevel=4"
+
 
 class BrokerNotYetListingItself:
     """A stand-in for a Kafka broker in the moment after it logs its start, which a real one
