@@ -42,8 +42,8 @@ _READY_LINE = "started (kafka.server.KafkaServer)"
 JIT_OPTS = "-XX:TieredStopAtLevel=1"
 """The JVM's quick compiler only. A local broker lives minutes (a test run, a demo, a
 benchmark) on a machine it shares with the worker and its clients; its optimizing
-compiler still took up to a fifth of a core minutes after start, during a benchmark's
-streamproc run, which the worker beside it did without."""
+compiler was still taking 10-26% of a core minutes after start, in a benchmark's
+saturation wave, which the worker beside it did without."""
 # Brokers started by this process, kept so they can be reaped when stopped.
 _children: dict[int, subprocess.Popen[bytes]] = {}
 Progress = Callable[[str], None]
