@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +31,7 @@ from aiokafka.client import AIOKafkaClient, CoordinationType
 from aiokafka.errors import KafkaError
 
 from streamproc.errors import LocalKafkaError
+from streamproc.signals import handlers_swapped
 
 KAFKA_DIR = "kafka_2.12-2.3.0"
 _WHEELS = {
@@ -181,17 +181,12 @@ def _signals_held() -> Iterator[None]:
     """SIGINT and SIGTERM wait until the block ends, then take their usual course, so a
     process spawned in it is recorded (and stopped by the cleanup) before an interrupt can
     unwind past it. Only the main thread handles signals; in another this holds nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     held: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _frame: held.append(signum))
-                for s in _HELD_SIGNALS}
     try:
-        yield
+        with handlers_swapped({s: lambda signum, _frame: held.append(signum)
+                               for s in _HELD_SIGNALS}):
+            yield
     finally:
-        for held_signal, handler in previous.items():
-            signal.signal(held_signal, signal.SIG_DFL if handler is None else handler)
         for signum in held:
             signal.raise_signal(signum)
 

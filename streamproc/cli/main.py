@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
@@ -13,6 +12,7 @@ from typing import NoReturn
 
 from streamproc.cli import bench_cmd, broker_cmds, demo_cmd, lag_cmd, submit_cmd, worker_cmd
 from streamproc.errors import OverloadedError, StreamprocError
+from streamproc.signals import handlers_swapped
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -64,18 +64,8 @@ def raise_on_signals() -> Iterator[None]:
     the command carries on as if nothing was pressed. SIGTERM (`kill`, a supervisor) exits
     with 128 + 15. The worker's event loop sets its own handlers while it serves, to drain.
     """
-    if threading.current_thread() is not threading.main_thread():  # only it gets signals
+    with handlers_swapped({signal.SIGINT: _interrupt, signal.SIGTERM: _exit_on_sigterm}):
         yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:  # None: set outside Python, cannot be put back
-                signal.signal(sig, handler)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
