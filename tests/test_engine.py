@@ -157,6 +157,30 @@ def test_an_emptied_batch_keeps_its_buffers_for_the_next_requests(
     assert tokens(events["b"]) == reference_tokens(loaded_model, [11, 12, 13], 15)
 
 
+def test_cancelling_or_abandoning_a_row_mid_batch_leaves_the_others_exact(
+        loaded_model: LoadedModel) -> None:
+    # Rows 0 and 1 leave while rows 2 and 3 run on: their KV rows move into the holes.
+    requests = [prepared(f"r{i}", [5 + i, 9, 14 + i], 20) for i in range(4)]
+    engine = Engine(loaded_model)
+    events: dict[str, list[TokenEvent]] = {}
+    for event in engine.step(requests) + engine.step([]):
+        events.setdefault(event.request_id, []).append(event)
+    cancel, abandon = frozenset({id(requests[0])}), frozenset({id(requests[1])})
+    for event in engine.step([], abandon=abandon, cancel=cancel):
+        events.setdefault(event.request_id, []).append(event)
+    assert engine.num_running == 2
+    cancelled = events["r0"][-1].outcome
+    assert cancelled is not None
+    assert cancelled.finish_reason == "cancelled"
+    assert all(e.outcome is None for e in events["r1"])  # abandoned: no word at all
+    while engine.num_running:
+        for event in engine.step([]):
+            events.setdefault(event.request_id, []).append(event)
+    for r in requests[2:]:
+        assert tokens(events[r.request_id]) == reference_tokens(
+            loaded_model, r.prompt_ids, 20), r.request_id
+
+
 def test_warm_up_leaves_the_engine_empty_and_output_unchanged(
         loaded_model: LoadedModel) -> None:
     engine = Engine(loaded_model)

@@ -117,14 +117,16 @@ class Engine:
         ``cancel`` (a final ``cancelled`` event each), decode the running batch, then
         prefill ``admitted`` and the next chunk of the long prompts."""
         now = time.time()
-        events = self._drop(abandon, cancel, now)
-        events += [unserved_event(p, now, "expired") for p in admitted if _past_deadline(p, now)]
+        events = [unserved_event(p, now, "expired") for p in admitted if _past_deadline(p, now)]
         fresh = [p for p in admitted if not _past_deadline(p, now)]
         self._partial += [PartialPrefill(p) for p in fresh
                           if needs_chunks(p, self.prefill_chunk_tokens)]
         whole = [p for p in fresh if not needs_chunks(p, self.prefill_chunk_tokens)]
         self.last_prefill_s = self.last_decode_s = 0.0
+        # Dropping rows moves others into their place: the KV buffers are inference
+        # tensors, which may only be written in inference mode.
         with torch.inference_mode():
+            events = self._drop(abandon, cancel, now) + events
             if self._running:
                 started = time.perf_counter()
                 events += self._decode()
