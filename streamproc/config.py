@@ -150,6 +150,10 @@ class WorkerConfig:
     """On CPU, torch's kernel threads; 0: one less than the usable cores (at least 1), so
     consuming and publishing keep a core and never stall the kernels' barriers. Set by
     ``Worker.start`` for the whole process (torch has one pool per process)."""
+    engine_process: bool = True
+    """Run the engine in a process of its own, so the model's Python and the worker's
+    Kafka I/O do not take turns on one interpreter lock; off: on a thread of the worker
+    (one process, one copy of the model in memory)."""
     max_batch_size: int = 32
     """Most sequences decoding together."""
     max_batch_tokens: int = 4096

@@ -73,12 +73,14 @@ def test_every_worker_option_given_reaches_the_config(monkeypatch: pytest.Monkey
     args = build_parser().parse_args([
         "worker", "--bootstrap", "broker:9092", "--model", "m", "--max-batch-size", "7",
         "--prefill-chunk-tokens", "64", "--chunk-rate", "5", "--close-timeout", "3",
-        "--group", "g", "--allow-unsafe-weights", "--metrics-address", "0.0.0.0"])
+        "--group", "g", "--allow-unsafe-weights", "--metrics-address", "0.0.0.0",
+        "--engine-thread"])
     config = worker_cmd.config_from_args(args)
     assert (config.bootstrap, config.model, config.max_batch_size) == ("broker:9092", "m", 7)
     assert (config.prefill_chunk_tokens, config.chunk_rate, config.close_timeout_s) == (64, 5, 3)
     assert (config.group_id, config.allow_unsafe_weights) == ("g", True)
     assert config.metrics_address == "0.0.0.0"
+    assert not config.engine_process
     assert config.max_inflight == WorkerConfig().max_inflight  # not given: the default
     config_fields = {f.name for f in dataclasses.fields(WorkerConfig)}
     assert set(vars(args)) - NOT_CONFIG <= config_fields  # no option is silently dropped

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 from collections import Counter
 from dataclasses import replace
 
@@ -16,6 +18,7 @@ from streamproc.config import WorkerConfig
 from streamproc.engine.loader import LoadedModel
 from streamproc.errors import GenerationError
 from streamproc.worker.app import Worker
+from streamproc.worker.engine_process import EngineProcess, EngineProcessError
 
 from .helpers import read_topic, reference_tokens, streams_by_request, wait_for_lag_zero
 
@@ -58,10 +61,27 @@ async def test_fifty_concurrent_requests_stream_complete_and_commit(
 
 async def test_greedy_results_through_kafka_equal_generate(
         worker: Worker, worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    assert worker.config.engine_process  # the default: the engine in a process of its own
+    await assert_greedy_results_equal_generate(worker_config, loaded_model)
+
+
+async def test_greedy_results_equal_generate_with_the_engine_on_a_thread(
+        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    config = replace(worker_config, engine_process=False)
+    worker = Worker(config, loaded_model)
+    await worker.start()
+    try:
+        await assert_greedy_results_equal_generate(config, loaded_model)
+    finally:
+        await worker.stop()
+
+
+async def assert_greedy_results_equal_generate(config: WorkerConfig,
+                                               loaded_model: LoadedModel) -> None:
     rng = random.Random(2)
     prompts = [random_prompt(rng) for _ in range(16)]
     budgets = [rng.randrange(1, 32) for _ in prompts]
-    async with client_for(worker_config) as client:
+    async with client_for(config) as client:
         streams = [await client.submit(p, params=wire.GenerationParams(max_new_tokens=n))
                    for p, n in zip(prompts, budgets, strict=True)]
         results = await asyncio.wait_for(asyncio.gather(*(s.result() for s in streams)), 120)
@@ -217,13 +237,30 @@ async def test_without_coalescing_every_token_is_its_own_chunk(
 async def test_a_worker_stopped_right_after_start_sizes_torchs_pool_and_closes_its_clients(
         worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
     """Stopped while its lag monitor may still be connecting: an unclosed client would
-    fail the test (warnings are errors)."""
+    fail the test (warnings are errors). With the engine on its thread, the worker's own
+    process runs the kernels and sizes torch's pool."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    worker = Worker(replace(worker_config, cpu_threads=1), loaded_model)
+    worker = Worker(replace(worker_config, cpu_threads=1, engine_process=False),
+                    loaded_model)
     try:
         await worker.start()
         assert torch.get_num_threads() == 1
     finally:
         await worker.stop()
         torch.set_num_threads(before)
+
+
+async def test_a_worker_whose_engine_process_dies_fails_and_stops_cleanly(
+        worker: Worker, worker_config: WorkerConfig) -> None:
+    async with client_for(worker_config) as client:
+        stream = await client.submit("kafka lag", params=wire.GenerationParams(
+            max_new_tokens=500, ignore_eos=True))
+        await asyncio.wait_for(anext(aiter(stream)), 30)  # the engine is serving it
+        engine = worker.serving._engine
+        assert isinstance(engine, EngineProcess)
+        os.kill(engine._process.pid, signal.SIGKILL)
+        with pytest.raises(EngineProcessError, match="ended while serving"):
+            await asyncio.wait_for(worker.wait_failed(), 30)
+    # Not committed: the request is served again by whoever reads the partition next.
+    assert worker.checkpoint.in_flight() == 1

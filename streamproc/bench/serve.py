@@ -20,7 +20,7 @@ import msgspec
 from streamproc.bench.peers import GeneratePeer
 from streamproc.cli.common import run
 from streamproc.config import TopicNames, WorkerConfig
-from streamproc.engine.loader import LoadedModel, load_model
+from streamproc.engine.loader import LoadedModel, describe_model, load_model
 from streamproc.worker.app import Worker
 
 READY = "ready"
@@ -61,7 +61,9 @@ def make_peer(spec: PeerSpec, loaded: LoadedModel) -> Peer:
 
 
 async def serve(spec: PeerSpec) -> None:
-    loaded = load_model(spec.model, "auto")
+    # streamproc's engine loads the weights in its own process, as a worker's does.
+    describe = spec.name == "streamproc"
+    loaded = (describe_model if describe else load_model)(spec.model, "auto")
     peer = make_peer(spec, loaded)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

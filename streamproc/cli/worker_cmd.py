@@ -11,7 +11,7 @@ from pathlib import Path
 
 from streamproc.cli.common import add_bootstrap, bootstrap, run, setup_logging
 from streamproc.config import WorkerConfig
-from streamproc.engine.loader import load_model
+from streamproc.engine.loader import describe_model, load_model
 from streamproc.topics import load_specs, topic_names
 from streamproc.worker.app import Worker
 
@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--group", dest="group_id",
                    help=_help("consumer group (default: {})", "group_id"))
     p.add_argument("--topics-dir", type=Path, help="topic declarations (default: ./topics)")
+    p.add_argument("--engine-thread", dest="engine_process", action="store_false",
+                   default=None, help="run the engine on a thread of the worker, not in a "
+                   "process of its own (one process, one copy of the model)")
     p.add_argument("--max-batch-size", type=int,
                    help=_help("most sequences decoding together ({})", "max_batch_size"))
     p.add_argument("--max-batch-tokens", type=int,
@@ -103,9 +106,12 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 async def serve(config: WorkerConfig) -> int:
     log.info("loading model %s", config.model)
-    loaded = await asyncio.to_thread(load_model, config.model, config.device,
-                                     allow_unsafe_weights=config.allow_unsafe_weights)
-    log.info("model ready on %s (%s), context %d tokens", loaded.device, loaded.dtype,
+    if config.engine_process:  # the engine's process loads the weights, once
+        loaded = await asyncio.to_thread(describe_model, config.model, config.device)
+    else:
+        loaded = await asyncio.to_thread(load_model, config.model, config.device,
+                                         allow_unsafe_weights=config.allow_unsafe_weights)
+    log.info("model on %s (%s), context %d tokens", loaded.device, loaded.dtype,
              loaded.max_context)
     worker = Worker(config, loaded)
     stop = asyncio.Event()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from streamproc.config import Device
@@ -19,6 +19,7 @@ _UNBOUNDED_CONTEXT = 1_000_000
 @dataclass(frozen=True)
 class LoadedModel:
     model: Any
+    """None when only described (:func:`describe_model`): its weights are elsewhere."""
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
@@ -72,9 +73,27 @@ def load_model(name: str, device: Device = "auto", *,
         device=target,
         dtype=dtype,
         max_context=_max_context(model.config, tokenizer),
-        eos_ids=_eos_ids(model, tokenizer),
+        eos_ids=_eos_ids(model.generation_config, tokenizer),
         pad_id=_pad_id(tokenizer),
     )
+
+
+def describe_model(name: str, device: Device = "auto") -> LoadedModel:
+    """What :func:`load_model` gives but the weights (``model`` is None): for a worker whose
+    engine loads them in a process of its own, so they are not held twice."""
+    if not name:
+        raise ConfigError("no model given: pass --model <hub id or local directory>")
+    hf_logging.disable_progress_bar()
+    target = resolve_device(device)
+    tokenizer = load_tokenizer(name)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    try:
+        generation = GenerationConfig.from_pretrained(name)
+    except OSError:  # none saved: what the model config says, as from_pretrained does
+        generation = GenerationConfig.from_model_config(config)
+    return LoadedModel(model=None, tokenizer=tokenizer, device=target,
+                       dtype=pick_dtype(target), max_context=_max_context(config, tokenizer),
+                       eos_ids=_eos_ids(generation, tokenizer), pad_id=_pad_id(tokenizer))
 
 
 def _max_context(config: Any, tokenizer: Any) -> int:
@@ -83,8 +102,8 @@ def _max_context(config: Any, tokenizer: Any) -> int:
     return min(usable, default=2048)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    configured = model.generation_config.eos_token_id
+def _eos_ids(generation_config: Any, tokenizer: Any) -> frozenset[int]:
+    configured = generation_config.eos_token_id
     ids = set(configured if isinstance(configured, list) else [configured])
     ids.add(tokenizer.eos_token_id)
     return frozenset(int(i) for i in ids if i is not None)

@@ -31,6 +31,7 @@ from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel, load_tokenizer
 from streamproc.engine.sequence import unserved_event
 from streamproc.engine.threads import apply_serving_threads, usable_cores
+from streamproc.errors import ConfigError
 from streamproc.flow.budget import InflightBudget
 from streamproc.flow.checkpoint import Checkpoint
 from streamproc.flow.monitor import LagMonitor, LagReport
@@ -40,7 +41,10 @@ from streamproc.ingest.prepare import Preparer
 from streamproc.metrics.prometheus import LiveGauges, WorkerCollector, serve
 from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import ChunkPacing, Publisher
+from streamproc.worker.engine_process import EngineProcess, EngineSpec
+from streamproc.worker.engine_thread import EngineThread
 from streamproc.worker.serving import ServingLoop
+from streamproc.worker.steps import EngineRunner
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +76,9 @@ class Worker:
                              cancelled=self.cancelled,
                              max_message_bytes=config.max_message_bytes)
         self.controller, self.policy = _batch_policy(config)
-        self.engine = Engine(loaded, prefill_chunk_tokens=config.prefill_chunk_tokens)
-        self.serving = ServingLoop(self.engine, self.waiting, self.policy, self._publisher,
-                                   self.stats, controller=self.controller,
+        self.serving = ServingLoop(_engine_runner(config, loaded), self.waiting,
+                                   self.policy, self._publisher, self.stats,
+                                   controller=self.controller,
                                    lag=lambda: self.lag.lag if self.lag else 0)
         self._device = loaded.device
         self._control = ControlListener(
@@ -91,10 +95,12 @@ class Worker:
         self._stopped = False
 
     async def start(self) -> None:
-        threads = apply_serving_threads(self._device, self.config.cpu_threads)
-        if threads is not None:
-            log.info("torch uses %d CPU thread(s) of %d usable cores", threads, usable_cores())
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.warm_up)
+        if not self.config.engine_process:  # else the engine's process sizes its own pool
+            threads = apply_serving_threads(self._device, self.config.cpu_threads)
+            if threads is not None:
+                log.info("torch uses %d CPU thread(s) of %d usable cores", threads,
+                         usable_cores())
+        await self.serving.start()
         await self._producer.start()
         await self._consumer.start()
         control = self.config.topics.control
@@ -285,9 +291,24 @@ class _Revoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel a stage and wait for it. A stage that already ended with an error (what
+    :meth:`Worker.wait_failed` reports) must not cut the rest of the shutdown short."""
     if task is None:
         return
     task.cancel()
     with suppress(asyncio.CancelledError):
-        await task
+        try:
+            await task
+        except Exception as exc:
+            log.warning("stage %s had ended with an error: %r", task.get_name(), exc)
 
+
+def _engine_runner(config: WorkerConfig, loaded: LoadedModel) -> EngineRunner:
+    if config.engine_process:
+        return EngineProcess(EngineSpec(config.model,
+                                        config.device, config.allow_unsafe_weights,
+                                        config.prefill_chunk_tokens, config.cpu_threads))
+    if loaded.model is None:
+        raise ConfigError("engine_process is off, but the model was only described "
+                          "(describe_model): load it with load_model")
+    return EngineThread(Engine(loaded, prefill_chunk_tokens=config.prefill_chunk_tokens))

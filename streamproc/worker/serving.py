@@ -1,11 +1,11 @@
-"""The loop that feeds the engine: admit per the batching policy, step, publish.
+"""The loop that feeds the engine: admit per the batching policy, publish, record.
 
-The forward pass runs on a dedicated thread so Kafka I/O on the event loop
-never waits behind the model. The loop is pipelined: while step N+1 runs on
-that thread, the event loop publishes what step N produced and records its
-statistics (feeding the controller), so that work overlaps the model instead of
-adding to every step. Between two steps the loop does only what the next one
-needs: retire finished jobs, decide, admit.
+The forward pass runs off the event loop, on the engine's own thread or in its own
+process (:mod:`streamproc.worker.steps`), so Kafka I/O never waits behind the model, and
+the model never waits for the event loop: the engine runs the next step as soon as one
+ends, while the loop publishes what the last one produced and records its statistics
+(feeding the controller). Each time a step's result comes in, the loop retires finished jobs,
+decides and posts the next admissions.
 """
 
 from __future__ import annotations
@@ -15,39 +15,22 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from aiokafka import TopicPartition
 
 from streamproc.admission.adaptive import AdaptiveController
 from streamproc.admission.policy import BatchDecision, BatchPolicy
 from streamproc.channel import Job, WaitingQueue
-from streamproc.engine.engine import Engine
-from streamproc.engine.sequence import PreparedRequest, TokenEvent
+from streamproc.engine.sequence import TokenEvent
 from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import Publisher
+from streamproc.worker.steps import EngineRunner, StepResult
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Step:
-    """One engine step's output, captured on the engine thread as the step ends (the
-    engine's own fields change with the next step)."""
-
-    events: list[TokenEvent]
-    busy_s: float
-    prefill_s: float
-    decode_s: float
-    kv_tokens: int
-    ended: float
-    """Monotonic seconds."""
-    ended_wall: float
-
-
 class ServingLoop:
-    def __init__(self, engine: Engine, waiting: WaitingQueue, policy: BatchPolicy,
+    def __init__(self, engine: EngineRunner, waiting: WaitingQueue, policy: BatchPolicy,
                  publisher: Publisher, stats: WorkerStats, *,
                  controller: AdaptiveController | None = None,
                  lag: Callable[[], int] = lambda: 0) -> None:
@@ -58,14 +41,13 @@ class ServingLoop:
         self._waiting = waiting
         self._policy = policy
         self._publisher = publisher
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._jobs: dict[int, Job] = {}
         self._last_token_at: dict[int, float] = {}
         self._abandoned: set[int] = set()
         self._cancelled: set[int] = set()
         self._outbox: deque[tuple[Job, TokenEvent]] = deque()
         """What the last step produced, published while the next one runs."""
-        self._unrecorded: tuple[_Step, int] | None = None
+        self._unrecorded: tuple[StepResult, int] | None = None
         """The last step and the jobs it ran with, recorded while the next one runs."""
         self.kv_tokens = 0
         """Real tokens in the KV cache after the last step (a plain int, for gauges)."""
@@ -75,6 +57,10 @@ class ServingLoop:
     @property
     def running(self) -> int:
         return len(self._jobs)
+
+    async def start(self) -> None:
+        """Warm the engine up and start it; :meth:`run` then serves."""
+        await self._engine.start()
 
     async def run(self) -> None:
         """Serve until cancelled, or until drained when :meth:`drain` was called."""
@@ -117,44 +103,34 @@ class ServingLoop:
         return len(keys)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._engine.stop()
 
     async def _iterate(self) -> None:
         decision = self._decide()
         admitted = [] if self._draining else self._waiting.take(decision.admit)
-        if not admitted and not self._jobs and not self._abandoned and not self._cancelled:
-            await self._send_outbox()
-            self._record_last()
-            if not self._draining:
-                await self._waiting.wait_for_arrival(decision.wait_s)
-            return
         started = time.monotonic()
         for job in admitted:
             self._jobs[id(job.prepared)] = job
             self._stats.engine_queue.observe(started - job.enqueued_at)
         abandon, self._abandoned = frozenset(self._abandoned), set()
         cancel, self._cancelled = frozenset(self._cancelled), set()
-        step = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._timed_step, [j.prepared for j in admitted], abandon, cancel)
-        await self._send_outbox()  # the previous step's tokens, while this one computes
+        if admitted or abandon or cancel:
+            self._engine.submit([j.prepared for j in admitted], abandon, cancel)
+        if not self._jobs and not self._engine.expecting:
+            await self._send_outbox()
+            self._record_last()
+            if not self._draining:
+                await self._waiting.wait_for_arrival(decision.wait_s)
+            return
+        await self._send_outbox()  # the last step's tokens, while the next one computes
         self._record_last()
-        try:
-            done = await step
-        except Exception as exc:
-            await self._fail_running(exc)
+        done = await self._engine.next_result()
+        if isinstance(done, Exception):
+            await self._fail_running(done)
             return
         self._unrecorded = (done, len(self._jobs))
         self.kv_tokens = done.kv_tokens
         self._outbox.extend(self._settle(done.events))
-
-    def _timed_step(self, admitted: list[PreparedRequest], abandon: frozenset[int],
-                    cancel: frozenset[int]) -> _Step:
-        engine = self._engine
-        started = time.monotonic()
-        events = engine.step(admitted, abandon, cancel)
-        ended = time.monotonic()
-        return _Step(events, ended - started, engine.last_prefill_s, engine.last_decode_s,
-                     engine.kv_tokens, ended, time.time())
 
     def _record_last(self) -> None:
         """Statistics and controller feedback of the last step, if not yet recorded."""
@@ -197,9 +173,10 @@ class ServingLoop:
 
     def _decide(self) -> BatchDecision:
         # No decision looks past one full batch of the queue: do not measure the rest.
+        # Running as the loop knows it: admissions the engine has not taken yet count.
         return self._policy.decide(self._waiting.prompt_tokens(self._policy.running_cap),
                                    self._waiting.oldest_wait_s(time.monotonic()),
-                                   self._engine.num_running)
+                                   len(self._jobs))
 
     def _settle(self, events: list[TokenEvent]) -> list[tuple[Job, TokenEvent]]:
         """Match events to their jobs and retire the finished ones now, so the next
@@ -223,11 +200,12 @@ class ServingLoop:
 
     async def _fail_running(self, exc: Exception) -> None:
         """A failed step cannot be pinned on one request: fail them all, retriably."""
-        log.exception("engine step failed; failing %d running requests", len(self._jobs))
-        self._engine.reset()
+        log.error("engine step failed; failing %d running requests", len(self._jobs),
+                  exc_info=exc)
         jobs, self._jobs = list(self._jobs.values()), {}
         self._last_token_at.clear()
         for job in jobs:
             self._stats.failed("engine_error")
             await self._publisher.fail(job, "engine_error", f"{type(exc).__name__}: {exc}",
                                        retriable=True)
+        self._engine.recover()

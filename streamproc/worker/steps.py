@@ -1,0 +1,66 @@
+"""One engine step as the serving loop sees it, and what runs the engine for it.
+
+The engine runs on a thread of the worker's (:mod:`streamproc.worker.engine_thread`)
+or in a process of its own (:mod:`streamproc.worker.engine_process`); either way the
+loop posts work and collects results through the same :class:`EngineRunner` calls.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from streamproc.engine.engine import Engine
+from streamproc.engine.sequence import PreparedRequest, TokenEvent
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One engine step's output, captured as the step ends (the engine's own fields change
+    with the next step)."""
+
+    events: list[TokenEvent]
+    busy_s: float
+    prefill_s: float
+    decode_s: float
+    kv_tokens: int
+    ended: float
+    """Monotonic seconds (one clock for every process on the machine)."""
+    ended_wall: float
+
+
+def run_step(engine: Engine, admitted: list[PreparedRequest], abandon: frozenset[int],
+             cancel: frozenset[int]) -> StepResult:
+    """:meth:`Engine.step`, timed."""
+    started = time.monotonic()
+    events = engine.step(admitted, abandon, cancel)
+    ended = time.monotonic()
+    return StepResult(events, ended - started, engine.last_prefill_s, engine.last_decode_s,
+                      engine.kv_tokens, ended, time.time())
+
+
+class EngineRunner(Protocol):
+    async def start(self) -> None:
+        """Warm the engine up and start stepping."""
+
+    def submit(self, admitted: list[PreparedRequest], abandon: frozenset[int],
+               cancel: frozenset[int]) -> None:
+        """Work for the next step: requests to admit, and ids (``id()`` of admitted
+        requests) to drop silently or end as cancelled."""
+
+    @property
+    def expecting(self) -> bool:
+        """Whether a result is on its way for work posted or a step under way. (While the
+        engine holds running jobs' sequences a result is on its way too: the loop knows
+        those.)"""
+
+    async def next_result(self) -> StepResult | Exception:
+        """The next step's result, in step order, or what a failed step raised."""
+
+    def recover(self) -> None:
+        """After a failed step, once the loop has failed every running request: forget
+        what was posted before, and step again."""
+
+    def stop(self) -> None:
+        """Stop stepping and release the engine."""

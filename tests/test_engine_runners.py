@@ -1,0 +1,177 @@
+"""The two ways a worker runs its engine, on a thread of its own and in a process of its
+own, against the same real (tiny) model: what the serving loop relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from streamproc.engine.engine import Engine
+from streamproc.engine.loader import LoadedModel, describe_model
+from streamproc.engine.sequence import PreparedRequest, TokenEvent
+from streamproc.wire import GenerationParams, GenerationRequest
+from streamproc.worker.engine_process import (
+    EngineProcess,
+    EngineProcessError,
+    EngineSpec,
+    EngineStepError,
+)
+from streamproc.worker.engine_thread import EngineThread
+from streamproc.worker.steps import EngineRunner, StepResult
+
+from .helpers import reference_tokens
+
+pytestmark = pytest.mark.model
+RUNNERS = ("thread", "process")
+
+
+def prepared(rid: str, prompt_ids: list[int], max_new: int) -> PreparedRequest:
+    request = GenerationRequest(request_id=rid, prompt="-",
+                                params=GenerationParams(max_new_tokens=max_new))
+    return PreparedRequest(request, prompt_ids, max_new, time.time())
+
+
+def spec(model: str) -> EngineSpec:
+    return EngineSpec(model, "cpu", False, 512, 1)
+
+
+@pytest.fixture(params=RUNNERS)
+async def runner(request: pytest.FixtureRequest, loaded_model: LoadedModel,
+                 tiny_model_dir: Path) -> AsyncIterator[EngineRunner]:
+    started: EngineRunner
+    if request.param == "thread":
+        started = EngineThread(Engine(loaded_model))
+    else:
+        started = EngineProcess(spec(str(tiny_model_dir)))
+    await started.start()
+    yield started
+    started.stop()
+
+
+async def collect(runner: EngineRunner, want_final: set[str]
+                  ) -> tuple[dict[str, list[TokenEvent]], list[StepResult]]:
+    """Results, without posting anything more, until every request in ``want_final`` ended."""
+    events: dict[str, list[TokenEvent]] = {}
+    steps = []
+    while want_final:
+        result = await asyncio.wait_for(runner.next_result(), 30)
+        assert isinstance(result, StepResult), result
+        steps.append(result)
+        for event in result.events:
+            events.setdefault(event.request_id, []).append(event)
+            if event.outcome is not None:
+                want_final.discard(event.request_id)
+    return events, steps
+
+
+async def test_it_steps_on_its_own_and_matches_generate(runner: EngineRunner,
+                                                         loaded_model: LoadedModel) -> None:
+    a, b = prepared("a", [5, 9, 14, 3], 12), prepared("b", [7, 7, 30], 6)
+    runner.submit([a, b], frozenset(), frozenset())
+    assert runner.expecting
+    # One submit, then only collecting: the engine ran every step after the first by itself.
+    events, steps = await collect(runner, {"a", "b"})
+    assert len(steps) >= 12
+    for request in (a, b):
+        got = [t for e in events[request.request_id] for t in e.token_ids]
+        assert got == reference_tokens(loaded_model, request.prompt_ids,
+                                       request.max_new_tokens)
+        assert events[request.request_id][0].source is request  # the very object admitted
+    assert not runner.expecting
+
+
+async def test_it_runs_at_most_two_steps_ahead_of_the_loop(runner: EngineRunner) -> None:
+    runner.submit([prepared("long", [4, 5, 6], 40)], frozenset(), frozenset())
+    await asyncio.sleep(1.0)  # far longer than a few steps: the engine waits for us
+    collecting_from = time.monotonic()
+    first = [await runner.next_result() for _ in range(3)]
+    assert all(isinstance(r, StepResult) for r in first)
+    ended = [r.ended for r in first if isinstance(r, StepResult)]
+    assert ended[1] < collecting_from < ended[2]
+    await collect(runner, {"long"})
+
+
+async def test_abandoned_requests_go_silently_and_cancelled_ones_end(
+        runner: EngineRunner) -> None:
+    gone, cut, kept = (prepared("gone", [4, 5], 40), prepared("cut", [6, 7], 40),
+                       prepared("kept", [8, 9], 5))
+    runner.submit([gone, cut, kept], frozenset(), frozenset())
+    first = await runner.next_result()
+    assert isinstance(first, StepResult)
+    runner.submit([], frozenset({id(gone)}), frozenset({id(cut)}))
+    events, _ = await collect(runner, {"cut", "kept"})
+    for event in first.events:
+        events.setdefault(event.request_id, []).insert(0, event)
+    outcomes = [e.outcome for e in events["cut"] if e.outcome is not None]
+    assert [o.finish_reason for o in outcomes] == ["cancelled"]
+    assert sum(len(e.token_ids) for e in events["kept"]) == 5
+    # The first step, and at most the step under way when the abandon was posted.
+    assert len(events["gone"]) <= 3
+    assert all(e.outcome is None for e in events["gone"])
+    while runner.expecting:
+        result = await asyncio.wait_for(runner.next_result(), 30)
+        assert isinstance(result, StepResult)
+        assert not [e for e in result.events if e.request_id == "gone"]
+
+
+async def test_a_failed_step_resets_and_serves_again_after_recover(
+        runner: EngineRunner, loaded_model: LoadedModel) -> None:
+    vocab = len(loaded_model.tokenizer)
+    runner.submit([prepared("bad", [vocab + 1000], 3), prepared("ok", [5], 30)], frozenset(),
+                  frozenset())
+    failed = await asyncio.wait_for(runner.next_result(), 30)
+    assert isinstance(failed, Exception)
+    if isinstance(runner, EngineProcess):
+        assert isinstance(failed, EngineStepError)
+        assert "IndexError" in str(failed)
+    # Posted before the loop saw the failure: dropped with the failed requests.
+    runner.submit([prepared("stale", [5], 3)], frozenset(), frozenset())
+    runner.recover()
+    runner.submit([prepared("after", [5, 6], 4)], frozenset(), frozenset())
+    events, _ = await collect(runner, {"after"})
+    assert set(events) == {"after"}  # nothing of "ok" or "stale" comes back
+    assert sum(len(e.token_ids) for e in events["after"]) == 4
+
+
+async def test_a_dead_engine_process_is_an_error_not_a_hang(tiny_model_dir: Path) -> None:
+    runner = EngineProcess(spec(str(tiny_model_dir)))
+    await runner.start()
+    try:
+        runner.submit([prepared("r", [5, 6], 500)], frozenset(), frozenset())
+        await runner.next_result()
+        os.kill(runner._process.pid, signal.SIGKILL)
+        with pytest.raises(EngineProcessError, match="ended while serving"):
+            await drain(runner)
+    finally:
+        runner.stop()
+
+
+async def drain(runner: EngineRunner) -> None:
+    """Collect results until one raises (each within 30 s)."""
+    while True:
+        await asyncio.wait_for(runner.next_result(), 30)
+
+
+async def test_an_engine_process_that_cannot_load_says_why(tmp_path: Path) -> None:
+    runner = EngineProcess(spec(str(tmp_path / "no-such-model")))
+    with pytest.raises(EngineProcessError, match=r"did not start: .*no-such-model"):
+        await runner.start()
+    runner.stop()
+
+
+def test_describing_a_model_gives_what_loading_gives_but_the_weights(
+        loaded_model: LoadedModel, tiny_model_dir: Path) -> None:
+    described = describe_model(str(tiny_model_dir), "cpu")
+    assert described.model is None
+    assert (described.device, described.dtype, described.max_context, described.eos_ids,
+            described.pad_id) == (loaded_model.device, loaded_model.dtype,
+                                  loaded_model.max_context, loaded_model.eos_ids,
+                                  loaded_model.pad_id)
+    assert described.tokenizer("kafka lag").input_ids == loaded_model.tokenizer(
+        "kafka lag").input_ids
