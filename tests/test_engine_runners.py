@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -145,7 +146,8 @@ async def test_a_dead_engine_process_is_an_error_not_a_hang(tiny_model_dir: Path
     try:
         runner.submit([prepared("r", [5, 6], 500)], frozenset(), frozenset())
         await runner.next_result()
-        os.kill(runner._process.pid, signal.SIGKILL)
+        assert runner.pid is not None
+        os.kill(runner.pid, signal.SIGKILL)
         with pytest.raises(EngineProcessError, match="ended while serving"):
             await drain(runner)
     finally:
@@ -156,6 +158,31 @@ async def drain(runner: EngineRunner) -> None:
     """Collect results until one raises (each within 30 s)."""
     while True:
         await asyncio.wait_for(runner.next_result(), 30)
+
+
+UNGUARDED_SCRIPT = """
+import asyncio, sys
+from streamproc.worker.engine_process import EngineProcess, EngineSpec
+
+async def main():
+    runner = EngineProcess(EngineSpec(sys.argv[1], "cpu", False, 512, 1))
+    await runner.start()
+    runner.stop()
+    print("served")
+
+asyncio.run(main())  # no __main__ guard, as a quick embedding script is written
+"""
+
+
+async def test_an_embedding_script_needs_no_main_guard(tiny_model_dir: Path,
+                                                       tmp_path: Path) -> None:
+    script = tmp_path / "embed.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(tiny_model_dir), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert (process.returncode, out.decode().split()) == (0, ["served"]), err.decode()
 
 
 async def test_an_engine_process_that_cannot_load_says_why(tmp_path: Path) -> None:

@@ -259,7 +259,8 @@ async def test_a_worker_whose_engine_process_dies_fails_and_stops_cleanly(
         await asyncio.wait_for(anext(aiter(stream)), 30)  # the engine is serving it
         engine = worker.serving._engine
         assert isinstance(engine, EngineProcess)
-        os.kill(engine._process.pid, signal.SIGKILL)
+        assert engine.pid is not None
+        os.kill(engine.pid, signal.SIGKILL)
         with pytest.raises(EngineProcessError, match="ended while serving"):
             await asyncio.wait_for(worker.wait_failed(), 30)
     # Not committed: the request is served again by whoever reads the partition next.

@@ -7,8 +7,9 @@ core while the other stood a third idle, and decode steps took 10.6 ms against 5
 for the engine alone. In a process of its own the engine has an interpreter to itself,
 as the engine core of the larger serving systems does.
 
-The child loads the model from the worker's settings (spawned, not forked: a fork
-would copy torch's thread pools and the parent's event loop), warms up, then steps
+The child (``python -m streamproc.worker.engine_process``, not forked: a fork would copy
+torch's thread pools and the worker's event loop) loads the model from the worker's
+settings, warms up, then steps
 whenever it has work and the worker has collected all but ``ahead`` of its results.
 Requests cross the pipe once, when admitted, under a key of their own; their events
 come back under that key. The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C
@@ -21,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing
+import os
 import signal
+import subprocess
+import sys
 import threading
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -136,30 +139,45 @@ class EngineProcess:
         """``id()`` of an admitted request -> its key."""
         self._submits_sent = self._submits_taken = self._collected = 0
         self._results: asyncio.Queue[_Done | _Failed | _Gone] = asyncio.Queue()
-        self._process: Any = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._commands: Connection | None = None
         self._reader: threading.Thread | None = None
 
+    @property
+    def pid(self) -> int | None:
+        """The engine process's pid while it runs."""
+        return self._process.pid if self._process is not None else None
+
     async def start(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        commands_out, commands_in = context.Pipe(duplex=False)
-        results_out, results_in = context.Pipe(duplex=False)
-        self._process = context.Process(
-            target=_child_main, args=(self._spec, self._ahead, commands_out, results_in),
-            name="streamproc-engine", daemon=True)
-        self._process.start()
-        commands_out.close()
-        results_in.close()
-        self._commands = commands_in
-        first = await asyncio.to_thread(_receive, results_out)
+        results = await asyncio.to_thread(self._launch)
+        with suppress(OSError):  # it died before reading: said below
+            self._send((self._spec, self._ahead))
+        first = await asyncio.to_thread(_receive, results)
         if not isinstance(first, _Ready):
             self.stop()
+            results.close()
             reason = first.message if isinstance(first, _Failed) else "it exited"
             raise EngineProcessError(f"the engine process did not start: {reason}")
         loop = asyncio.get_running_loop()
-        self._reader = threading.Thread(target=self._read, args=(results_out, loop),
+        self._reader = threading.Thread(target=self._read, args=(results, loop),
                                         name="engine-results", daemon=True)
         self._reader.start()
+        log.info("engine process %s ready", self.pid)
+
+    def _launch(self) -> Connection:
+        """Start the child; the end of the results pipe to read."""
+        commands_read, commands_write = os.pipe()
+        results_read, results_write = os.pipe()
+        # A command of our own, not multiprocessing's spawn: that would import the
+        # embedding program's main module again in the child (and run it, unguarded).
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "streamproc.worker.engine_process", str(commands_read),
+             str(results_write)], pass_fds=(commands_read, results_write),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        os.close(commands_read)
+        os.close(results_write)
+        self._commands = Connection(commands_write, readable=False)
+        return Connection(results_read, writable=False)
 
     def submit(self, admitted: list[PreparedRequest], abandon: frozenset[int],
                cancel: frozenset[int]) -> None:
@@ -183,7 +201,7 @@ class EngineProcess:
         result = await self._results.get()
         if isinstance(result, _Gone):
             raise EngineProcessError("the engine process ended while serving "
-                                     f"(exit code {self._process.exitcode})")
+                                     f"(exit code {self._exit_code()})")
         self._collected += 1
         self._send(_Collected(self._collected))
         self._submits_taken = result.submits_taken
@@ -203,17 +221,24 @@ class EngineProcess:
             return
         with suppress(OSError):  # already gone
             self._send(_Stop())
-        process.join(STOP_TIMEOUT_S)
-        if process.is_alive():
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
             log.warning("engine process did not stop within %.0fs; killing it",
                         STOP_TIMEOUT_S)
             process.kill()
-            process.join()
+            process.wait()
+        if self._commands is not None:
+            self._commands.close()
         if self._reader is not None:
             self._reader.join(STOP_TIMEOUT_S)
 
+    def _exit_code(self) -> int | None:
+        return self._process.poll() if self._process is not None else None
+
     def _send(self, message: object) -> None:
-        assert self._commands is not None
+        if self._commands is None or self._commands.closed:
+            raise OSError("the engine process was stopped")
         self._commands.send(message)
 
     def _keys_for(self, ids: frozenset[int]) -> frozenset[int]:
@@ -254,10 +279,27 @@ def _receive(connection: Connection) -> Any:
         return _Gone()
 
 
-def _child_main(spec: EngineSpec, ahead: int, commands: Connection,
-                results: Connection) -> None:
+def main(argv: list[str]) -> int:
+    """``python -m streamproc.worker.engine_process COMMANDS_FD RESULTS_FD``, as
+    :class:`EngineProcess` starts it: the spec comes first on the commands pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if len(argv) != 2:
+        print("usage: python -m streamproc.worker.engine_process COMMANDS_FD RESULTS_FD",
+              file=sys.stderr)
+        return 2
+    commands = Connection(int(argv[0]), writable=False)
+    results = Connection(int(argv[1]), readable=False)
+    try:
+        spec, ahead = commands.recv()
+    except EOFError:
+        return 0
+    _child_main(spec, ahead, commands, results)
+    return 0
+
+
+def _child_main(spec: EngineSpec, ahead: int, commands: Connection,
+                results: Connection) -> None:
     try:
         loaded = load_model(spec.model, spec.device,
                             allow_unsafe_weights=spec.allow_unsafe_weights)
@@ -364,3 +406,14 @@ class _ChildLoop:
             out.append(_Event(key, event.token_ids, event.text, event.outcome))
         return out
 
+
+if __name__ == "__main__":
+    # Through the module's own name: what the child pickles must unpickle in the worker
+    # as streamproc.worker.engine_process's classes, not as __main__'s.
+    from streamproc.worker import engine_process
+
+    code = engine_process.main(sys.argv[1:])
+    sys.stderr.flush()
+    # Nothing is left to clean up: skip the interpreter's teardown of torch (about a
+    # second), which a stopping worker would wait for.
+    os._exit(code)
