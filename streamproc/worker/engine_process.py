@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -38,7 +38,7 @@ from streamproc.engine.loader import load_model
 from streamproc.engine.sequence import Outcome, PreparedRequest, TokenEvent
 from streamproc.engine.threads import apply_serving_threads
 from streamproc.errors import StreamprocError
-from streamproc.worker.steps import StepResult, run_step
+from streamproc.worker.steps import DEFAULT_AHEAD, StepResult, checked_ahead, run_step
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 10.0
@@ -111,12 +111,8 @@ class _Event:
 @dataclass(frozen=True)
 class _Done:
     events: list[_Event]
-    busy_s: float
-    prefill_s: float
-    decode_s: float
-    kv_tokens: int
-    ended: float
-    ended_wall: float
+    step: StepResult
+    """The step's figures; its events travel keyed, above."""
     submits_taken: int
     """How many submits (in all) the engine had taken when this step began."""
 
@@ -129,10 +125,8 @@ class _Gone:
 class EngineProcess:
     """An :class:`~streamproc.worker.steps.EngineRunner` in a child process."""
 
-    def __init__(self, spec: EngineSpec, *, ahead: int = 2) -> None:
-        if ahead < 1:
-            raise ValueError(f"ahead must be >= 1, got {ahead}")
-        self._spec, self._ahead = spec, ahead
+    def __init__(self, spec: EngineSpec, *, ahead: int = DEFAULT_AHEAD) -> None:
+        self._spec, self._ahead = spec, checked_ahead(ahead)
         self._keys = itertools.count()
         self._sources: dict[int, PreparedRequest] = {}
         self._key_of: dict[int, int] = {}
@@ -207,8 +201,7 @@ class EngineProcess:
         self._submits_taken = result.submits_taken
         if isinstance(result, _Failed):
             return EngineStepError(result.message)
-        return StepResult(self._events(result.events), result.busy_s, result.prefill_s,
-                          result.decode_s, result.kv_tokens, result.ended, result.ended_wall)
+        return replace(result.step, events=self._events(result.events))
 
     def recover(self) -> None:
         self._sources.clear()
@@ -389,9 +382,8 @@ class _ChildLoop:
             return
         for key in abandon:
             self.live.pop(key, None)
-        self.results.send(_Done(self._keyed(result.events), result.busy_s, result.prefill_s,
-                                result.decode_s, result.kv_tokens, result.ended,
-                                result.ended_wall, self.submits_taken))
+        self.results.send(_Done(self._keyed(result.events), replace(result, events=[]),
+                                self.submits_taken))
 
     def _ids(self, keys: set[int]) -> frozenset[int]:
         return frozenset(id(self.live[k]) for k in keys if k in self.live)

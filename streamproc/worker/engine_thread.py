@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from streamproc.engine.engine import Engine
 from streamproc.engine.sequence import PreparedRequest
-from streamproc.worker.steps import StepResult, run_step
+from streamproc.worker.steps import DEFAULT_AHEAD, StepResult, checked_ahead, run_step
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,8 @@ class StepInput:
 class EngineThread:
     """An :class:`~streamproc.worker.steps.EngineRunner` on a thread of this process."""
 
-    def __init__(self, engine: Engine, *, ahead: int = 2) -> None:
-        if ahead < 1:
-            raise ValueError(f"ahead must be >= 1, got {ahead}")
-        self._engine, self._ahead = engine, ahead
+    def __init__(self, engine: Engine, *, ahead: int = DEFAULT_AHEAD) -> None:
+        self._engine, self._ahead = engine, checked_ahead(ahead)
         self._wake = threading.Condition()
         self._input = StepInput()
         self._uncollected = 0

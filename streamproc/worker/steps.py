@@ -40,6 +40,17 @@ def run_step(engine: Engine, admitted: list[PreparedRequest], abandon: frozenset
                       engine.kv_tokens, ended, time.time())
 
 
+DEFAULT_AHEAD = 2
+"""Steps the engine may run whose results the loop has not collected: one waiting for the
+loop while the next computes."""
+
+
+def checked_ahead(ahead: int) -> int:
+    if ahead < 1:
+        raise ValueError(f"ahead must be >= 1, got {ahead}")
+    return ahead
+
+
 class EngineRunner(Protocol):
     async def start(self) -> None:
         """Warm the engine up and start stepping."""
