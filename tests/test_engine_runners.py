@@ -150,6 +150,8 @@ async def test_a_dead_engine_process_is_an_error_not_a_hang(tiny_model_dir: Path
         os.kill(runner.pid, signal.SIGKILL)
         with pytest.raises(EngineProcessError, match="ended while serving"):
             await drain(runner)
+        with pytest.raises(EngineProcessError, match="ended while serving"):
+            runner.submit([prepared("late", [5], 2)], frozenset(), frozenset())
     finally:
         runner.stop()
 

@@ -144,7 +144,7 @@ class EngineProcess:
 
     async def start(self) -> None:
         results = await asyncio.to_thread(self._launch)
-        with suppress(OSError):  # it died before reading: said below
+        with suppress(EngineProcessError):  # it died before reading: said below
             self._send((self._spec, self._ahead))
         first = await asyncio.to_thread(_receive, results)
         if not isinstance(first, _Ready):
@@ -212,7 +212,7 @@ class EngineProcess:
         process, self._process = self._process, None
         if process is None:
             return
-        with suppress(OSError):  # already gone
+        with suppress(EngineProcessError):  # already gone
             self._send(_Stop())
         try:
             process.wait(STOP_TIMEOUT_S)
@@ -231,8 +231,12 @@ class EngineProcess:
 
     def _send(self, message: object) -> None:
         if self._commands is None or self._commands.closed:
-            raise OSError("the engine process was stopped")
-        self._commands.send(message)
+            raise EngineProcessError("the engine process was stopped")
+        try:
+            self._commands.send(message)
+        except OSError as exc:  # its end of the pipe closed: it exited or was killed
+            raise EngineProcessError("the engine process ended while serving "
+                                     f"(exit code {self._exit_code()})") from exc
 
     def _keys_for(self, ids: frozenset[int]) -> frozenset[int]:
         return frozenset(self._key_of[i] for i in ids if i in self._key_of)
