@@ -4,6 +4,7 @@ own, against the same real (tiny) model: what the serving loop relies on."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import sys
@@ -18,10 +19,12 @@ from streamproc.engine.loader import LoadedModel, describe_model
 from streamproc.engine.sequence import PreparedRequest, TokenEvent
 from streamproc.wire import GenerationParams, GenerationRequest
 from streamproc.worker.engine_process import (
+    PIPE_BYTES,
     EngineProcess,
     EngineProcessError,
     EngineSpec,
     EngineStepError,
+    _widen,
 )
 from streamproc.worker.engine_thread import EngineThread
 from streamproc.worker.steps import EngineRunner, StepResult
@@ -204,3 +207,14 @@ def test_describing_a_model_gives_what_loading_gives_but_the_weights(
                                   loaded_model.pad_id)
     assert described.tokenizer("kafka lag").input_ids == loaded_model.tokenizer(
         "kafka lag").input_ids
+
+
+def test_the_pipes_hold_a_large_admission_without_the_worker_waiting() -> None:
+    read, write = os.pipe()
+    try:
+        _widen(write)
+        allowed = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        assert fcntl.fcntl(write, fcntl.F_GETPIPE_SZ) == min(PIPE_BYTES, allowed)
+    finally:
+        os.close(read)
+        os.close(write)

@@ -20,6 +20,7 @@ stops it, and it stops on its own when the worker's end of the pipe closes.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import itertools
 import logging
@@ -163,6 +164,8 @@ class EngineProcess:
         """Start the child; the end of the results pipe to read."""
         commands_read, commands_write = os.pipe()
         results_read, results_write = os.pipe()
+        _widen(commands_write)
+        _widen(results_write)
         # A command of our own, not multiprocessing's spawn: that would import the
         # embedding program's main module again in the child (and run it, unguarded).
         self._process = subprocess.Popen(
@@ -268,6 +271,18 @@ class EngineProcess:
                 return
             if isinstance(message, _Gone):
                 return
+
+
+PIPE_BYTES = 1 << 20
+"""Room in each pipe: a step's admissions (a few prompts' token ids) then fit without the
+worker's event loop waiting for the engine to read them, which it does between steps."""
+
+
+def _widen(fd: int) -> None:
+    """Grow a pipe's buffer from Linux's default 64 KiB, where the system allows it."""
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        with suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep the default
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 def _receive(connection: Connection) -> Any:
