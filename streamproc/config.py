@@ -148,8 +148,9 @@ class WorkerConfig:
     """``auto`` picks CUDA when present, else CPU."""
     cpu_threads: int = 0
     """On CPU, torch's kernel threads; 0: one less than the usable cores (at least 1), so
-    consuming and publishing keep a core and never stall the kernels' barriers. Set by
-    ``Worker.start`` for the whole process (torch has one pool per process)."""
+    consuming and publishing keep a core and never stall the kernels' barriers. Set for
+    the whole process that runs the engine (torch has one pool per process): the engine's
+    own, or the worker's with ``engine_process`` off."""
     engine_process: bool = True
     """Run the engine in a process of its own, so the model's Python and the worker's
     Kafka I/O do not take turns on one interpreter lock; off: on a thread of the worker

@@ -56,12 +56,8 @@ def load_model(name: str, device: Device = "auto", *,
     Only safetensors weights load unless ``allow_unsafe_weights``: pickle-based
     ``.bin`` files can run code when read. Remote code is never trusted.
     """
-    if not name:
-        raise ConfigError("no model given: pass --model <hub id or local directory>")
-    hf_logging.disable_progress_bar()
-    target = resolve_device(device)
+    target, tokenizer = _device_and_tokenizer(name, device)
     dtype = pick_dtype(target)
-    tokenizer = load_tokenizer(name)
     model: Any = AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype, use_safetensors=None if allow_unsafe_weights else True,
         trust_remote_code=False)
@@ -81,11 +77,7 @@ def load_model(name: str, device: Device = "auto", *,
 def describe_model(name: str, device: Device = "auto") -> LoadedModel:
     """What :func:`load_model` gives but the weights (``model`` is None): for a worker whose
     engine loads them in a process of its own, so they are not held twice."""
-    if not name:
-        raise ConfigError("no model given: pass --model <hub id or local directory>")
-    hf_logging.disable_progress_bar()
-    target = resolve_device(device)
-    tokenizer = load_tokenizer(name)
+    target, tokenizer = _device_and_tokenizer(name, device)
     config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     try:
         generation = GenerationConfig.from_pretrained(name)
@@ -94,6 +86,14 @@ def describe_model(name: str, device: Device = "auto") -> LoadedModel:
     return LoadedModel(model=None, tokenizer=tokenizer, device=target,
                        dtype=pick_dtype(target), max_context=_max_context(config, tokenizer),
                        eos_ids=_eos_ids(generation, tokenizer), pad_id=_pad_id(tokenizer))
+
+
+def _device_and_tokenizer(name: str, device: Device) -> tuple[torch.device, Any]:
+    """What loading and describing a model both start with."""
+    if not name:
+        raise ConfigError("no model given: pass --model <hub id or local directory>")
+    hf_logging.disable_progress_bar()
+    return resolve_device(device), load_tokenizer(name)
 
 
 def _max_context(config: Any, tokenizer: Any) -> int:
