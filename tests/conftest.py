@@ -6,13 +6,15 @@ the suite provisions and starts for itself (and stops at the end).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from transformers.utils import logging as hf_logging
 
-from streamproc import localkafka, topics
+from streamproc import localkafka, logs, topics
 from streamproc.config import TopicNames, WorkerConfig, bootstrap_from_env
 from streamproc.engine.loader import LoadedModel, load_model
 from streamproc.engine.tiny import make_tiny_model
@@ -27,6 +29,21 @@ def no_worker_process_left() -> Iterator[None]:
     yield
     while processes.RUNNING:
         processes.RUNNING.pop().kill()
+
+
+@pytest.fixture
+def json_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process's logging as ``streamproc worker --log-format json`` sets it up; put
+    back afterwards (pytest's own capture handlers, transformers' own handler)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(logs, "_active", None)
+    logs.setup("json")
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    hf_logging.disable_propagation()
+    hf_logging.enable_default_handler()
 
 
 @pytest.fixture(scope="session")

@@ -142,3 +142,13 @@ def test_json_logs_carry_the_record_context() -> None:
     assert (entry["topic"], entry["partition"], entry["offset"], entry["request_id"]) == \
         ("t", 2, 41, "r")
     assert entry["level"] == "warning"
+
+
+def test_transformers_logs_in_the_same_json_lines(capfd: pytest.CaptureFixture[str],
+                                                  json_logs: None) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers.streamproc_probe").warning("from transformers")
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
+    assert [(line["logger"], line["message"]) for line in lines] == \
+        [("transformers.streamproc_probe", "from transformers")]

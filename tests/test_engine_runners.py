@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import signal
 import sys
@@ -141,6 +142,25 @@ async def test_a_failed_step_resets_and_serves_again_after_recover(
     events, _ = await collect(runner, {"after"})
     assert set(events) == {"after"}  # nothing of "ok" or "stale" comes back
     assert sum(len(e.token_ids) for e in events["after"]) == 4
+
+
+async def test_the_engine_process_logs_in_the_workers_format(
+        tiny_model_dir: Path, loaded_model: LoadedModel, capfd: pytest.CaptureFixture[str],
+        json_logs: None) -> None:
+    runner = EngineProcess(spec(str(tiny_model_dir)))
+    await runner.start()
+    try:
+        vocab = len(loaded_model.tokenizer)
+        runner.submit([prepared("bad", [vocab + 1000], 3)], frozenset(), frozenset())
+        assert isinstance(await asyncio.wait_for(runner.next_result(), 30), EngineStepError)
+    finally:
+        runner.stop()
+    # Every line on stderr, the child's included (from loading the model on), is JSON.
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
+    failures = [line for line in lines if line["logger"] == "streamproc.worker.engine_process"
+                and "exception" in line]
+    assert len(failures) == 1
+    assert "IndexError" in failures[0]["exception"]  # the traceback only the child had
 
 
 async def test_a_dead_engine_process_is_an_error_not_a_hang(tiny_model_dir: Path) -> None:

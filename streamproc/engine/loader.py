@@ -9,8 +9,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
+from streamproc import logs
 from streamproc.config import Device
 from streamproc.errors import ConfigError
+
+logs.adopt_library_loggers()  # transformers was just imported
 
 # Past this, a config's max_position_embeddings is a placeholder, not a limit.
 _UNBOUNDED_CONTEXT = 1_000_000

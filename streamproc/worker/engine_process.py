@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
+from streamproc import logs
 from streamproc.config import Device
 from streamproc.engine.engine import Engine
 from streamproc.engine.loader import load_model
@@ -147,7 +148,9 @@ class EngineProcess:
     async def start(self) -> None:
         results = await asyncio.to_thread(self._launch)
         with suppress(EngineProcessError):  # it died before reading: said below
-            self._send((self._spec, self._ahead))
+            # With the worker's log setup, so the child's lines (its warnings, a failed
+            # step's traceback) read like the worker's: JSON where the worker logs JSON.
+            self._send((self._spec, self._ahead, logs.active()))
         first = await asyncio.to_thread(_receive, results)
         if not isinstance(first, _Ready):
             self.stop()
@@ -304,9 +307,12 @@ def main(argv: list[str]) -> int:
     commands = Connection(int(argv[0]), writable=False)
     results = Connection(int(argv[1]), readable=False)
     try:
-        spec, ahead = commands.recv()
+        spec, ahead, log_setup = commands.recv()
     except EOFError:
         return 0
+    if log_setup is not None:
+        logs.setup(*log_setup)
+        logging.captureWarnings(True)  # warnings too, not as bare lines on stderr
     _child_main(spec, ahead, commands, results)
     return 0
 
@@ -326,6 +332,8 @@ def _child_main(spec: EngineSpec, ahead: int, commands: Connection,
         gc.collect()
         gc.freeze()
     except Exception as exc:
+        # The worker reports why; the traceback is for whoever asks for more (-v).
+        log.debug("the engine could not start", exc_info=True)
         results.send(_Failed(f"{type(exc).__name__}: {exc}"))
         return
     try:
@@ -401,6 +409,8 @@ class _ChildLoop:
             result = run_step(self.engine, [p for _, p in admitted], self._ids(abandon),
                               self._ids(cancel))
         except Exception as exc:  # the worker fails the running requests, then recovers
+            # Only this process has the traceback; the worker gets the message.
+            log.error("an engine step failed", exc_info=True)
             self.engine.reset()
             self.live.clear()
             self.failed = True
