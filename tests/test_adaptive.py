@@ -61,6 +61,21 @@ def test_high_lag_with_slack_leans_toward_throughput() -> None:
     assert controller.window_s == pytest.approx(window + 2 * 0.002 * 3)
 
 
+def test_with_a_backlog_late_first_tokens_lean_toward_throughput() -> None:
+    # Under a backlog, time to first token is the wait in the queue: a shorter window
+    # would not shorten it, more tokens/s does.
+    controller = AdaptiveController(SETTINGS)
+    controller.window_s = 0.05
+    admit = controller.admit_size
+    assert run(controller, 4 * 3, itl=0.02, ttft=3.0, lag=500) == ["slack_lag_high"] * 3
+    assert controller.admit_size == admit + 2 * 3
+    assert controller.window_s == pytest.approx(0.05 + 3 * 2 * 0.002)
+    # The same late first tokens with no backlog: the window is what to shorten.
+    assert run(controller, 4, itl=0.02, ttft=3.0, lag=0) == ["ttft_over_target"]
+    # And with a backlog but inter-token latency near its target, nothing grows.
+    assert run(controller, 4, itl=0.09, ttft=3.0, lag=500) == ["within_band"]
+
+
 def test_with_slack_and_no_backlog_the_window_steps_back_down() -> None:
     controller = AdaptiveController(SETTINGS)
     run(controller, 4 * 10, itl=0.02, ttft=0.1, lag=500)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,19 +20,21 @@ from streamproc.flow.admission import AdmissionPolicy
 from streamproc.flow.monitor import LagMonitor
 from streamproc.worker.app import Worker
 
-from .helpers import run_cli
+from .helpers import eventually, run_cli
 from .processes import write_topics_file
 
 pytestmark = pytest.mark.kafka
 
 
-async def publish_requests(bootstrap: str, topic: str, count: int) -> None:
+async def publish_requests(bootstrap: str, topic: str, count: int, new_tokens: int = 2
+                           ) -> None:
     producer = kafka.producer(bootstrap)
     await producer.start()
     try:
         for i in range(count):
-            request = wire.GenerationRequest(request_id=f"pre-{i}", prompt="queued",
-                                             params=wire.GenerationParams(max_new_tokens=2))
+            request = wire.GenerationRequest(
+                request_id=f"pre-{i}", prompt="queued",
+                params=wire.GenerationParams(max_new_tokens=new_tokens, ignore_eos=True))
             await producer.send(topic, wire.encode(request), key=request.request_id.encode())
         await producer.flush()
     finally:
@@ -102,6 +105,22 @@ async def test_lag_monitor_reports_stop_stall_warn_and_ok(
     assert {"lag", "oldest_age_s", "drain_s"} <= set(group["partitions"][0])
     await member.stop()
     await producer.stop()
+
+
+async def test_a_worker_leans_on_its_backlog_before_the_lag_is_sampled(
+        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    # Lag sampled once, at start, and never again; room for 4 requests at a time.
+    config = replace(worker_config, lag_interval_s=3600.0, max_inflight=4, max_batch_size=4)
+    serving = Worker(config, loaded_model)
+    await serving.start()
+    try:
+        await eventually(lambda: serving.lag is not None)  # the one sample: before the wave
+        await publish_requests(config.bootstrap, config.topics.requests[0], 100, new_tokens=8)
+        # The wave is seen as it is fetched (96 unread, more than the worker can hold),
+        # and the controller leans toward throughput while it lasts.
+        await eventually(lambda: serving.stats.window_changes["slack_lag_high"] > 0, 60)
+    finally:
+        await serving.stop()
 
 
 async def test_producer_policies_under_lag(

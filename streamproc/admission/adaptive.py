@@ -18,13 +18,16 @@ over recent observations with the targets:
   steps alone take over ``slack`` * target, the batch itself is the cause, so
   also cap the running batch below its present size (* ``decrease``; running
   sequences are never preempted, the batch shrinks as they finish);
-* else TTFT p95 above target * margin   → shorten the window (* ``decrease``);
-* both below target * ``slack`` (the hysteresis band) → grow the admission
-  size additively by ``admit_step`` and the running cap by ``running_step``
-  (1/16 of its range unless set). The window grows by ``window_step_s``
-  only while consumer lag is high (and both steps double: lean toward
-  throughput); with no backlog to batch, waiting buys nothing, so the window
-  steps back toward its minimum instead;
+* else TTFT p95 above target * margin   → shorten the window (* ``decrease``),
+  unless consumer lag is high: then the wait in the queue, not the window, is
+  what makes first tokens late;
+* both below target * ``slack`` (the hysteresis band), or inter-token latency
+  alone while consumer lag is high → grow the admission size additively by
+  ``admit_step`` and the running cap by ``running_step`` (1/16 of its range
+  unless set). The window grows by ``window_step_s`` only while consumer lag
+  is high (and both steps double: lean toward throughput); with no backlog to
+  batch, waiting buys nothing, so the window steps back toward its minimum
+  instead;
 * otherwise hold — inside the band nothing moves, so it does not oscillate.
 """
 
@@ -147,11 +150,15 @@ class AdaptiveController:
         itl, ttft = self.itl.p95, self.ttft.p95
         if itl > s.itl_target_s * s.margin:
             return self._cut_for_itl()
-        if self.ttft.seen and ttft > s.ttft_target_s * s.margin:
+        backlog = bool(s.lag_high) and lag > s.lag_high
+        # With a backlog, time to first token is mostly the wait in the queue: a shorter
+        # window cannot shorten it, more tokens/s can. So it is not cut for, and with
+        # inter-token slack the controller leans toward throughput.
+        if self.ttft.seen and ttft > s.ttft_target_s * s.margin and not backlog:
             self.window_s = max(s.window_min_s, self.window_s * s.decrease)
             return "ttft_over_target"
-        if itl < s.itl_target_s * s.slack and ttft < s.ttft_target_s * s.slack:
-            lean = 2 if s.lag_high and lag > s.lag_high else 1
+        if itl < s.itl_target_s * s.slack and (backlog or ttft < s.ttft_target_s * s.slack):
+            lean = 2 if backlog else 1
             self.admit_size = min(s.admit_max, self.admit_size + lean * s.admit_step)
             running_step = s.running_step or max(1, s.running_max // 16)
             self.running_cap = min(s.running_max, self.running_cap + lean * running_step)

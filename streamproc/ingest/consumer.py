@@ -52,6 +52,18 @@ class Ingest:
         self.paused = False
         self.paused_partitions = 0
         """Read by the metrics thread: a plain int, updated on the event loop."""
+        self._next_offset: dict[TopicPartition, int] = {}
+
+    def unread(self) -> int:
+        """Records on this worker's partitions that it has not read yet, as of its last
+        fetches (each response carries the partition's high watermark): its own lag,
+        fresh at every fetch, where the group's is sampled every few seconds."""
+        total = 0
+        for tp in self._consumer.assignment():
+            highwater, read = self._consumer.highwater(tp), self._next_offset.get(tp)
+            if highwater is not None and read is not None:
+                total += max(0, highwater - read)
+        return total
 
     async def run(self) -> None:
         """Fetch until cancelled."""
@@ -114,6 +126,7 @@ class Ingest:
 
     async def _route(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         self._checkpoint.track(tp, record.offset)
+        self._next_offset[tp] = record.offset + 1
         self._budget.acquire((tp, record.offset))
         request = decode_request(record.value, self._max_bytes)
         if isinstance(request, Undecodable):

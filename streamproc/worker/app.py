@@ -79,7 +79,7 @@ class Worker:
         self.serving = ServingLoop(_engine_runner(config, loaded), self.waiting,
                                    self.policy, self._publisher, self.stats,
                                    controller=self.controller,
-                                   lag=lambda: self.lag.lag if self.lag else 0)
+                                   lag=self._backlog)
         self._device = loaded.device
         self._control = ControlListener(
             kafka.consumer(config.bootstrap, security=config.security, group_id=None),
@@ -221,6 +221,13 @@ class Worker:
             running_cap=self.policy.running_cap,
             chunk_interval_s=self._publisher.chunk_interval_s,
             paused_partitions=self.ingest.paused_partitions, gpu_memory_bytes=gpu)
+
+    def _backlog(self) -> int:
+        """The lag the controller weighs: the group's as last sampled, or, if more, this
+        worker's own (unread on its partitions, plus what it holds), fresh at every fetch,
+        so a wave is seen as it arrives rather than at the next sample."""
+        own = self.ingest.unread() + len(self.waiting) + self.serving.running
+        return max(self.lag.lag if self.lag else 0, own)
 
     async def _lag_loop(self) -> None:
         while True:
