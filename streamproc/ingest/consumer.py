@@ -65,6 +65,12 @@ class Ingest:
                 total += max(0, highwater - read)
         return total
 
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        """Partitions revoked: how far this worker read them goes stale as their new owner
+        reads on; kept, it would count that owner's reads as unread here if they came back."""
+        for tp in partitions:
+            self._next_offset.pop(tp, None)
+
     async def run(self) -> None:
         """Fetch until cancelled."""
         while True:

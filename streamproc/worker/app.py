@@ -262,6 +262,7 @@ class Worker:
             ("rebalance: committing offsets", lambda: self.commit(revoked)),
         ), self.config.close_timeout_s)
         self.checkpoint.forget(revoked)
+        self.ingest.forget(revoked)
         log.info("partitions revoked: %s; %d waiting and %d running requests handed back",
                  sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked), len(dropped),
                  abandoned)
