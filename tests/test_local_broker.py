@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -74,6 +74,16 @@ def test_interrupting_a_start_leaves_nothing_running(tmp_path: Path, stop: int) 
     assert localkafka.status(state_dir) is None
 
 
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """Python's own Ctrl-C handler, whatever an earlier test in this process left (an event
+    loop runner's own handler, say); put back afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("python_sigint")
 def test_an_interrupt_during_a_spawn_waits_for_its_bookkeeping() -> None:
     """Ctrl-C inside the held block lands when the block ends, so a process spawned there
     is already recorded for the cleanup; the handler is the one from before."""
@@ -107,10 +117,11 @@ def test_a_sigterm_during_a_spawn_reaches_the_handler_from_before() -> None:
 def test_outside_the_main_thread_nothing_is_held() -> None:
     """Only the main thread may set handlers; elsewhere the block just runs."""
     ran: list[bool] = []
+    before = signal.getsignal(signal.SIGINT)
 
     def spawn_in_a_thread() -> None:
         with localkafka._signals_held():
-            ran.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+            ran.append(signal.getsignal(signal.SIGINT) is before)
 
     thread = threading.Thread(target=spawn_in_a_thread)
     thread.start()
