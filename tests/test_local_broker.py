@@ -76,8 +76,9 @@ def test_interrupting_a_start_leaves_nothing_running(tmp_path: Path, stop: int) 
 
 @pytest.fixture
 def python_sigint() -> Iterator[None]:
-    """Python's own Ctrl-C handler, whatever an earlier test in this process left (an event
-    loop runner's own handler, say); put back afterwards."""
+    """Python's own Ctrl-C handler, whatever the process started with: started in the
+    background by a shell without job control (as CI may run the suite), it ignores Ctrl-C,
+    and Python then installs no handler of its own. Put back afterwards."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
