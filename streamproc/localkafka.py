@@ -44,6 +44,8 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 Progress = Callable[[str], None]
 STOP_TIMEOUT_S = 20.0
 """How long each broker process gets to stop on SIGTERM before it is killed."""
+INDEX_BYTES = 64 * 1024
+"""The broker's preallocated size of each segment index (see :func:`_kafka_props`)."""
 
 
 def cache_dir() -> Path:
@@ -237,6 +239,13 @@ def _kafka_props(state_dir: Path, zk_port: int, port: int, sasl_port: int = 0,
         "group.initial.rebalance.delay.ms": "0",
         "auto.create.topics.enable": "false",
         "num.partitions": "1",
+        # Each segment's offset and time indexes are files of this size, sparse until
+        # written, and mapped into memory. The first write to one faults in a read-around
+        # window of the disk's read-ahead, zero-filling every page of it: with the default
+        # 10 MiB and an 8 MiB read-ahead that stalled a produce or fetch for 40-90 ms, once
+        # per index of every new partition (seen as the slowest first tokens of the
+        # benchmark's steady phases). 64 KiB still indexes 32 MiB or more per segment.
+        "log.index.size.max.bytes": str(INDEX_BYTES),
     }
     if sasl_port:
         users = " ".join(f'user_{name}="{secret}"' for name, secret in (sasl_users or {}).items())
