@@ -50,13 +50,13 @@ async def test_a_new_partitions_indexes_are_small_enough_to_fault_in_at_once(
     state_dir = tmp_path / "broker"
     broker = await asyncio.to_thread(localkafka.start, state_dir, progress=lambda _: None)
     try:
-        specs = [replace(s, partitions=1) for s in topics.load_specs()][:1]
-        await topics.apply(broker.bootstrap, specs)
-        segment = state_dir / "kafka-data" / f"{specs[0].name}-0"
-        indexes = [segment / "00000000000000000000.index",
-                   segment / "00000000000000000000.timeindex"]
+        spec = replace(topics.load_specs()[0], partitions=1)
+        await topics.apply(broker.bootstrap, [spec])
+        segment = state_dir / "kafka-data" / f"{spec.name}-0"
+        sizes = [(segment / f"00000000000000000000.{kind}").stat().st_size
+                 for kind in ("index", "timeindex")]
         # Kafka rounds each down to whole entries (8 and 12 bytes).
-        assert [0 < f.stat().st_size <= localkafka.INDEX_BYTES for f in indexes] == [True] * 2
+        assert all(0 < size <= localkafka.INDEX_BYTES for size in sizes), sizes
     finally:
         await asyncio.to_thread(localkafka.stop, state_dir)
 
