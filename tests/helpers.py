@@ -21,7 +21,7 @@ async def read_topic(bootstrap: str, topic: str, *, until_count: int = 0,
     consumer = kafka.consumer(bootstrap, group_id=None)
     await consumer.start()
     try:
-        partitions = await _partitions(bootstrap, topic)
+        partitions = await topic_partitions(bootstrap, topic)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         values: list[bytes] = []
@@ -36,7 +36,7 @@ async def read_topic(bootstrap: str, topic: str, *, until_count: int = 0,
         await consumer.stop()
 
 
-async def _partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
+async def topic_partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
     admin = kafka.admin(bootstrap)
     await admin.start()
     try:
@@ -64,7 +64,7 @@ async def group_lag(bootstrap: str, group: str, topics: tuple[str, ...]) -> int:
     await consumer.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
-        tps = [tp for t in topics for tp in await _partitions(bootstrap, t)]
+        tps = [tp for t in topics for tp in await topic_partitions(bootstrap, t)]
         ends = await consumer.end_offsets(tps)
         return sum(end - (committed[tp].offset if tp in committed else 0)
                    for tp, end in ends.items())

@@ -20,14 +20,15 @@ from streamproc.flow.admission import AdmissionPolicy
 from streamproc.flow.monitor import LagMonitor
 from streamproc.worker.app import Worker
 
-from .helpers import eventually, run_cli
+from .helpers import eventually, run_cli, topic_partitions, wait_for_lag_zero
 from .processes import write_topics_file
 
 pytestmark = pytest.mark.kafka
 
 
-async def publish_requests(bootstrap: str, topic: str, count: int, new_tokens: int = 2
-                           ) -> None:
+async def publish_requests(bootstrap: str, topic: str, count: int, new_tokens: int = 2,
+                           partition: int | None = None) -> None:
+    """``count`` small requests, keyed by id, or all to ``partition`` if given."""
     producer = kafka.producer(bootstrap)
     await producer.start()
     try:
@@ -35,7 +36,8 @@ async def publish_requests(bootstrap: str, topic: str, count: int, new_tokens: i
             request = wire.GenerationRequest(
                 request_id=f"pre-{i}", prompt="queued",
                 params=wire.GenerationParams(max_new_tokens=new_tokens, ignore_eos=True))
-            await producer.send(topic, wire.encode(request), key=request.request_id.encode())
+            await producer.send(topic, wire.encode(request), key=request.request_id.encode(),
+                                partition=partition)
         await producer.flush()
     finally:
         await producer.stop()
@@ -49,9 +51,10 @@ async def monitor(bootstrap: str, topic_names: TopicNames) -> AsyncIterator[LagM
     await running.stop()
 
 
-async def joined_member(bootstrap: str, topics: TopicNames) -> AIOKafkaConsumer:
+async def joined_member(bootstrap: str, topics: TopicNames, group_id: str = "lag-states"
+                        ) -> AIOKafkaConsumer:
     """A group member that holds its partitions and commits only when told to."""
-    member = kafka.consumer(bootstrap, topics.requests[0], group_id="lag-states")
+    member = kafka.consumer(bootstrap, topics.requests[0], group_id=group_id)
     await member.start()
     while not member.assignment():
         await member.getmany(timeout_ms=200)
@@ -119,6 +122,41 @@ async def test_a_worker_leans_on_its_backlog_before_the_lag_is_sampled(
         # The wave is seen as it is fetched (96 unread, more than the worker can hold),
         # and the controller leans toward throughput while it lasts.
         await eventually(lambda: serving.stats.window_changes["slack_lag_high"] > 0, 60)
+    finally:
+        await serving.stop()
+
+
+async def test_a_partition_handed_back_counts_none_of_its_new_owners_reads_as_unread(
+        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    """How far a worker read a partition goes stale while another member owns it: kept, the
+    other member's reads would count as this worker's backlog once the partition came back,
+    and the controller would lean toward throughput with nothing to read."""
+    bootstrap, lane = worker_config.bootstrap, worker_config.topics.requests[0]
+    serving = Worker(worker_config, loaded_model)
+    await serving.start()
+    try:
+        for tp in await topic_partitions(bootstrap, lane):  # one to read in each
+            await publish_requests(bootstrap, lane, 1, partition=tp.partition)
+        assert await wait_for_lag_zero(bootstrap, worker_config.group_id, (lane,), 60) == 0
+        assert serving.ingest.unread() == 0
+
+        # Another member takes some of the lane, reads on past the worker, and leaves.
+        member = await joined_member(bootstrap, worker_config.topics, worker_config.group_id)
+        taken = member.assignment()
+        for tp in taken:
+            await publish_requests(bootstrap, lane, 3, partition=tp.partition)
+        read = 0
+        while read < 3 * len(taken):
+            read += sum(len(r) for r in (await member.getmany(timeout_ms=200)).values())
+        await member.commit()
+        await member.stop()
+
+        # The worker has them back and has fetched from them (each fetch brings the
+        # partition's end offset), with nothing left to read.
+        consumer = serving._consumer
+        await eventually(lambda: taken <= consumer.assignment() and all(
+            consumer.highwater(tp) == 4 for tp in taken), 60)
+        assert serving.ingest.unread() == 0
     finally:
         await serving.stop()
 
