@@ -1,4 +1,5 @@
-"""Reading topics and group offsets back from the broker, for assertions."""
+"""Reading topics and group offsets back from the broker, for assertions; writing raw
+requests to it, as any producer could."""
 
 from __future__ import annotations
 
@@ -6,13 +7,29 @@ import asyncio
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from aiokafka import TopicPartition
 
 from streamproc import kafka, wire
 from streamproc.engine.loader import LoadedModel
+
+
+async def publish_requests(bootstrap: str, topic: str,
+                           requests: Iterable[wire.GenerationRequest], *,
+                           partition: int | None = None, **producer_options: Any) -> None:
+    """Each request keyed by its id (or all to ``partition``), with a producer of our own."""
+    producer = kafka.producer(bootstrap, **producer_options)
+    await producer.start()
+    try:
+        for request in requests:
+            await producer.send(topic, wire.encode(request), key=request.request_id.encode(),
+                                partition=partition)
+        await producer.flush()
+    finally:
+        await producer.stop()
 
 
 async def read_topic(bootstrap: str, topic: str, *, until_count: int = 0,

@@ -20,27 +20,26 @@ from streamproc.flow.admission import AdmissionPolicy
 from streamproc.flow.monitor import LagMonitor
 from streamproc.worker.app import Worker
 
-from .helpers import eventually, run_cli, topic_partitions, wait_for_lag_zero
+from .helpers import (
+    eventually,
+    publish_requests,
+    run_cli,
+    topic_partitions,
+    wait_for_lag_zero,
+)
 from .processes import write_topics_file
 
 pytestmark = pytest.mark.kafka
 
 
-async def publish_requests(bootstrap: str, topic: str, count: int, new_tokens: int = 2,
-                           partition: int | None = None) -> None:
+async def publish_small(bootstrap: str, topic: str, count: int, new_tokens: int = 2,
+                        partition: int | None = None) -> None:
     """``count`` small requests, keyed by id, or all to ``partition`` if given."""
-    producer = kafka.producer(bootstrap)
-    await producer.start()
-    try:
-        for i in range(count):
-            request = wire.GenerationRequest(
-                request_id=f"pre-{i}", prompt="queued",
-                params=wire.GenerationParams(max_new_tokens=new_tokens, ignore_eos=True))
-            await producer.send(topic, wire.encode(request), key=request.request_id.encode(),
-                                partition=partition)
-        await producer.flush()
-    finally:
-        await producer.stop()
+    await publish_requests(bootstrap, topic, (
+        wire.GenerationRequest(
+            request_id=f"pre-{i}", prompt="queued",
+            params=wire.GenerationParams(max_new_tokens=new_tokens, ignore_eos=True))
+        for i in range(count)), partition=partition)
 
 
 @pytest.fixture
@@ -118,7 +117,7 @@ async def test_a_worker_leans_on_its_backlog_before_the_lag_is_sampled(
     await serving.start()
     try:
         await eventually(lambda: serving.lag is not None)  # the one sample: before the wave
-        await publish_requests(config.bootstrap, config.topics.requests[0], 100, new_tokens=8)
+        await publish_small(config.bootstrap, config.topics.requests[0], 100, new_tokens=8)
         # The wave is seen as it is fetched (96 unread, more than the worker can hold),
         # and the controller leans toward throughput while it lasts.
         await eventually(lambda: serving.stats.window_changes["slack_lag_high"] > 0, 60)
@@ -136,7 +135,7 @@ async def test_a_partition_handed_back_counts_none_of_its_new_owners_reads_as_un
     await serving.start()
     try:
         for tp in await topic_partitions(bootstrap, lane):  # one to read in each
-            await publish_requests(bootstrap, lane, 1, partition=tp.partition)
+            await publish_small(bootstrap, lane, 1, partition=tp.partition)
         assert await wait_for_lag_zero(bootstrap, worker_config.group_id, (lane,), 60) == 0
         assert serving.ingest.unread() == 0
 
@@ -144,7 +143,7 @@ async def test_a_partition_handed_back_counts_none_of_its_new_owners_reads_as_un
         member = await joined_member(bootstrap, worker_config.topics, worker_config.group_id)
         taken = member.assignment()
         for tp in taken:
-            await publish_requests(bootstrap, lane, 3, partition=tp.partition)
+            await publish_small(bootstrap, lane, 3, partition=tp.partition)
         read = 0
         while read < 3 * len(taken):
             read += sum(len(r) for r in (await member.getmany(timeout_ms=200)).values())
@@ -164,7 +163,7 @@ async def test_a_partition_handed_back_counts_none_of_its_new_owners_reads_as_un
 async def test_producer_policies_under_lag(
         worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
     topics = worker_config.topics
-    await publish_requests(worker_config.bootstrap, topics.requests[0], 20)
+    await publish_small(worker_config.bootstrap, topics.requests[0], 20)
 
     def client(policy: AdmissionPolicy) -> StreamprocClient:
         return StreamprocClient(worker_config.bootstrap, request_topic=topics.requests[0],

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from streamproc import kafka, wire
+from streamproc import wire
 from streamproc.config import WorkerConfig
 from streamproc.flow.monitor import LagMonitor
 
-from .helpers import read_topic
+from .helpers import publish_requests, read_topic
 from .processes import WorkerProcess, write_topics_file
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
@@ -31,22 +31,15 @@ def rss_mb(pid: int) -> float:
 
 
 async def publish_burst(config: WorkerConfig) -> None:
-    producer = kafka.producer(config.bootstrap, linger_ms=20)
-    await producer.start()
-    try:
-        for i in range(BURST):
-            # Every tenth job wants an answer within 2 s: once the backlog is deep, the
-            # worker must refuse those at once rather than serve them late.
-            deadline = time.time() + 2 if i % 10 == 0 else None
-            request = wire.GenerationRequest(
-                request_id=f"burst-{i}", prompt=f"{i} {PROMPT}", deadline=deadline,
-                params=wire.GenerationParams(max_new_tokens=4),
-                reply_topic=config.topics.responses)
-            await producer.send(config.topics.requests[0], wire.encode(request),
-                                key=request.request_id.encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
+    # Every tenth job wants an answer within 2 s: once the backlog is deep, the worker
+    # must refuse those at once rather than serve them late.
+    await publish_requests(config.bootstrap, config.topics.requests[0], (
+        wire.GenerationRequest(
+            request_id=f"burst-{i}", prompt=f"{i} {PROMPT}",
+            deadline=time.time() + 2 if i % 10 == 0 else None,
+            params=wire.GenerationParams(max_new_tokens=4),
+            reply_topic=config.topics.responses)
+        for i in range(BURST)), linger_ms=20)
 
 
 async def terminal_messages(config: WorkerConfig) -> dict[str, wire.ResponseMessage]:
