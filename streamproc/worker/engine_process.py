@@ -103,12 +103,10 @@ class _Failed:
     submits_taken: int = 0
 
 
-@dataclass(frozen=True)
-class _Event:
-    key: int
-    token_ids: list[int]
-    text: str
-    outcome: Outcome | None
+_Event = tuple[int, list[int], str, Outcome | None]
+"""Key, token ids, text and, on a request's last event, its outcome. A plain tuple: a step
+sends one per running request, and 128 of them pickle in 16 us against 136 us as
+dataclasses (unpickle: 23 against 110 us), time the engine's process would not step in."""
 
 
 @dataclass(frozen=True)
@@ -255,13 +253,13 @@ class EngineProcess:
 
     def _events(self, events: list[_Event]) -> list[TokenEvent]:
         out = []
-        for event in events:
-            source = self._sources.get(event.key)
+        for key, token_ids, text, outcome in events:
+            source = self._sources.get(key)
             if source is None:  # abandoned while the step ran
                 continue
-            if event.outcome is not None:
-                self._forget(event.key)
-            out.append(TokenEvent(source, event.token_ids, event.text, event.outcome))
+            if outcome is not None:
+                self._forget(key)
+            out.append(TokenEvent(source, token_ids, text, outcome))
         return out
 
     def _read(self, results: Connection, loop: asyncio.AbstractEventLoop) -> None:
@@ -353,6 +351,8 @@ class _ChildLoop:
     abandon: set[int] = field(default_factory=set)
     cancel: set[int] = field(default_factory=set)
     live: dict[int, PreparedRequest] = field(default_factory=dict)
+    key_of: dict[int, int] = field(default_factory=dict)
+    """``id()`` of each live request -> its key."""
     submits_taken: int = 0
     submits_pending: int = 0
     started: int = 0
@@ -405,6 +405,7 @@ class _ChildLoop:
         self.started += 1
         admitted = [(key, p) for key, p in admitted if key not in abandon]
         self.live.update(admitted)
+        self.key_of.update((id(p), key) for key, p in admitted)
         try:
             result = run_step(self.engine, [p for _, p in admitted], self._ids(abandon),
                               self._ids(cancel))
@@ -413,25 +414,30 @@ class _ChildLoop:
             log.error("an engine step failed", exc_info=True)
             self.engine.reset()
             self.live.clear()
+            self.key_of.clear()
             self.failed = True
             self.results.send(_Failed(f"{type(exc).__name__}: {exc}", self.submits_taken))
             return
         for key in abandon:
-            self.live.pop(key, None)
+            self._retire(key)
         self.results.send(_Done(self._keyed(result.events), replace(result, events=[]),
                                 self.submits_taken))
 
     def _ids(self, keys: set[int]) -> frozenset[int]:
         return frozenset(id(self.live[k]) for k in keys if k in self.live)
 
+    def _retire(self, key: int) -> None:
+        prepared = self.live.pop(key, None)
+        if prepared is not None:
+            del self.key_of[id(prepared)]
+
     def _keyed(self, events: list[TokenEvent]) -> list[_Event]:
-        key_of = {id(p): k for k, p in self.live.items()}
         out = []
         for event in events:
-            key = key_of[id(event.source)]
+            key = self.key_of[id(event.source)]
             if event.outcome is not None:
-                del self.live[key]
-            out.append(_Event(key, event.token_ids, event.text, event.outcome))
+                self._retire(key)
+            out.append((key, event.token_ids, event.text, event.outcome))
         return out
 
 
