@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -131,11 +132,12 @@ async def test_a_partition_handed_back_counts_none_of_its_new_owners_reads_as_un
     other member's reads would count as this worker's backlog once the partition came back,
     and the controller would lean toward throughput with nothing to read."""
     bootstrap, lane = worker_config.bootstrap, worker_config.topics.requests[0]
+    first, later = 1, 3  # records per partition: for the worker, then for the other member
     serving = Worker(worker_config, loaded_model)
     await serving.start()
     try:
-        for tp in await topic_partitions(bootstrap, lane):  # one to read in each
-            await publish_small(bootstrap, lane, 1, partition=tp.partition)
+        for tp in await topic_partitions(bootstrap, lane):
+            await publish_small(bootstrap, lane, first, partition=tp.partition)
         assert await wait_for_lag_zero(bootstrap, worker_config.group_id, (lane,), 60) == 0
         assert serving.ingest.unread() == 0
 
@@ -143,9 +145,10 @@ async def test_a_partition_handed_back_counts_none_of_its_new_owners_reads_as_un
         member = await joined_member(bootstrap, worker_config.topics, worker_config.group_id)
         taken = member.assignment()
         for tp in taken:
-            await publish_small(bootstrap, lane, 3, partition=tp.partition)
-        read = 0
-        while read < 3 * len(taken):
+            await publish_small(bootstrap, lane, later, partition=tp.partition)
+        read, deadline = 0, time.monotonic() + 30
+        while read < later * len(taken):
+            assert time.monotonic() < deadline, f"the other member read only {read} records"
             read += sum(len(r) for r in (await member.getmany(timeout_ms=200)).values())
         await member.commit()
         await member.stop()
@@ -154,7 +157,7 @@ async def test_a_partition_handed_back_counts_none_of_its_new_owners_reads_as_un
         # partition's end offset), with nothing left to read.
         consumer = serving._consumer
         await eventually(lambda: taken <= consumer.assignment() and all(
-            consumer.highwater(tp) == 4 for tp in taken), 60)
+            consumer.highwater(tp) == first + later for tp in taken), 60)
         assert serving.ingest.unread() == 0
     finally:
         await serving.stop()
