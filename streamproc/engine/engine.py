@@ -44,6 +44,8 @@ class Engine:
         # every prompt token onto the vocabulary (generate() skips that work too).
         forward = inspect.signature(self._model.forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        # transformers 5.x renamed the cache argument (the old name warns, then goes).
+        self._cache_argument = "cache" if "cache" in forward else "past_key_values"
         self._running: list[Sequence] = []
         self._partial: list[PartialPrefill] = []
         """Long prompts being prefilled a chunk a step, oldest first."""
@@ -223,9 +225,9 @@ class Engine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             cache_position=cache_position,
             use_cache=True,
+            **{self._cache_argument: cache},
             **self._last_logits_only,
         )
         logits: torch.Tensor = out.logits[:, -1, :]
