@@ -12,6 +12,7 @@ import torch
 from streamproc.bench.chart import draw
 from streamproc.bench.long_prompts import compare_chunk_sizes
 from streamproc.bench.measure import Observation, summarize
+from streamproc.bench.paired import best_batch_size, wave_ratios
 from streamproc.bench.peers import offline_ceiling, offline_engine
 from streamproc.bench.run import BenchSettings, _long_prompt_ratios, _targets, _timeline
 from streamproc.bench.trace import TraceSettings, build
@@ -81,10 +82,11 @@ def test_targets_are_ratios_of_runs_measured_side_by_side() -> None:
             "offline_engine_sampled": {"tokens_per_s": 108.0, "lost": 0},
             "offline_engine_worker_threads": {"tokens_per_s": 110.0, "lost": 0}}
     targets = _targets(runs, BenchSettings())
-    assert list(targets["ratios"])[:4] == [
-        "throughput_vs_ceiling", "engine_alone_vs_ceiling",
+    assert list(targets["ratios"])[:5] == [
+        "throughput_vs_ceiling", "throughput_vs_ceiling_trace", "engine_alone_vs_ceiling",
         "engine_alone_worker_threads_vs_ceiling", "throughput_vs_naive"]
     assert targets["ratios"]["throughput_vs_ceiling"] == pytest.approx(0.9)
+    assert targets["ratios"]["throughput_vs_ceiling_trace"] == pytest.approx(0.9)
     assert targets["ratios"]["engine_alone_worker_threads_vs_ceiling"] == pytest.approx(1.1)
     assert targets["ratios"]["engine_sampled_vs_greedy"] == pytest.approx(0.9)
     assert targets["ratios"]["throughput_vs_naive"] == pytest.approx(11.25)
@@ -151,8 +153,13 @@ def test_table_and_chart_render_a_report(tmp_path: Path) -> None:
     }
     report["long_prompts"] = {"whole": long_prompt_figures(6.0),
                               "chunks_128": long_prompt_figures(3.0)}
+    report["paired"] = {"rounds": 2, "batch_size": 64, "median_ratio": 0.875,
+                        "ceiling_tokens_per_s": [100.0, 90.0, 110.0],
+                        "streamproc_tokens_per_s": [95.0, 70.0], "ratios": [1.0, 0.7]}
     text = table(report)
     assert "streamproc" in text
+    assert "paired with generate() at batch size 64 (median ratio 0.88)" in text
+    assert "wave / ceiling around it" in text
     assert "chunks_128" in text
     assert "MET  nothing lost" in text
     json.dumps(report)
@@ -177,3 +184,33 @@ def test_offline_rates_come_from_real_generation(loaded_model: LoadedModel) -> N
         assert torch.get_num_threads() == 2  # one thread for that run only
     finally:
         torch.set_num_threads(threads)
+
+
+def paired_report(median_ratio: float, rounds: int = 3, lost: int = 0) -> dict[str, Any]:
+    return {"rounds": rounds, "median_ratio": median_ratio, "lost": lost}
+
+
+def test_the_throughput_target_reads_the_paired_rounds_when_there_were_any() -> None:
+    runs = {"naive": fake_run(8.0), "fixed_window": fake_run(50.0),
+            "streamproc": fake_run(90.0),
+            "offline_ceiling": {"tokens_per_s": 100.0, "lost": 0}}
+    met = "throughput_vs_ceiling >= 0.85"
+    paired = _targets(runs, BenchSettings(), paired_report(0.8))
+    assert paired["ratios"]["throughput_vs_ceiling"] == pytest.approx(0.8)
+    assert paired["ratios"]["throughput_vs_ceiling_trace"] == pytest.approx(0.9)
+    assert not paired["met"][met]
+    assert paired["met"]["nothing lost"]
+    none_run = _targets(runs, BenchSettings(), paired_report(0.0, rounds=0))
+    assert none_run["ratios"]["throughput_vs_ceiling"] == pytest.approx(0.9)
+    assert none_run["met"][met]
+    assert not _targets(runs, BenchSettings(), paired_report(0.9, lost=1))["met"]["nothing lost"]
+
+
+def test_each_wave_is_set_against_the_ceiling_runs_either_side_of_it() -> None:
+    assert wave_ratios([100.0, 80.0, 120.0], [45.0, 90.0]) == [
+        pytest.approx(0.5), pytest.approx(0.9)]
+    assert wave_ratios([100.0], []) == []
+    with pytest.raises(ValueError, match="2 waves need 3 ceiling runs"):
+        wave_ratios([100.0, 80.0], [45.0, 90.0])
+    assert best_batch_size({"8": 10.0, "64": 30.0, "128": 20.0}) == 64
+

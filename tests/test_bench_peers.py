@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from streamproc.bench.paired import PairedCeiling, wave_ratios
 from streamproc.bench.run import PEERS, BenchSettings, replay_peers
 from streamproc.bench.trace import TraceSettings, build
+from streamproc.client import StreamprocClient
+from streamproc.engine.loader import LoadedModel
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
 
@@ -19,10 +22,20 @@ SHORT = BenchSettings(
 
 
 async def test_every_peer_streams_every_request_of_the_trace_whole(
-        bootstrap: str, tiny_model_dir: Path) -> None:
+        bootstrap: str, tiny_model_dir: Path, loaded_model: LoadedModel) -> None:
     trace = build(SHORT.trace)
     said: list[str] = []
-    seen = await replay_peers(bootstrap, str(tiny_model_dir), trace, SHORT, said.append)
+    wave = [a for a in trace if a.phase == "saturation"]
+    paired = PairedCeiling(loaded_model, [a.prompt for a in trace[:4]], wave,
+                           SHORT.trace.max_new_tokens, (2, 4), rounds=2,
+                           drain_timeout_s=SHORT.drain_timeout_s)
+
+    async def pair(client: StreamprocClient) -> None:
+        await paired.sweep_sizes()
+        await paired.measure(client)
+
+    seen = await replay_peers(bootstrap, str(tiny_model_dir), trace, SHORT, said.append,
+                              after_streamproc=pair)
     assert list(seen) == list(PEERS)
     for name, observations in seen.items():
         assert [o.phase for o in observations] == [a.phase for a in trace], name
@@ -33,3 +46,16 @@ async def test_every_peer_streams_every_request_of_the_trace_whole(
             assert o.finished is not None, name
             assert o.submitted <= o.first_token <= o.finished
         assert f"[{name}] {len(trace)}/{len(trace)} completed" in "\n".join(said)
+
+    # After the trace, streamproc served two more waves, each between two ceiling runs.
+    assert set(paired.sweep) == {"2", "4"}
+    assert (len(paired.waves), len(paired.ceilings)) == (2, 3)
+    for observations in paired.waves:
+        assert [o.tokens for o in observations] == [a.max_new_tokens for a in wave]
+    report = paired.report(SHORT.ttft_target_s, SHORT.itl_target_s)
+    assert (report["requests"], report["completed"], report["lost"]) == (24, 24, 0)
+    assert report["batch_size"] == paired.batch_size
+    assert all(rate > 0 for rate in report["ceiling_tokens_per_s"])
+    assert report["ratios"] == wave_ratios(report["ceiling_tokens_per_s"],
+                                           report["streamproc_tokens_per_s"])
+    assert min(report["ratios"]) <= report["median_ratio"] <= max(report["ratios"])

@@ -164,11 +164,13 @@ def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
 
 
 def offline_ceiling(loaded: LoadedModel, prompts: list[str], new_tokens: int,
-                    batch_sizes: tuple[int, ...] = (8, 16, 32, 64)) -> dict[str, float]:
-    """Tokens/s of ``generate()`` alone (no Kafka) at each batch size; the best is the ceiling."""
+                    batch_sizes: tuple[int, ...] = (8, 16, 32, 64), *,
+                    batches: int = 2) -> dict[str, float]:
+    """Tokens/s of ``generate()`` alone (no Kafka) at each batch size, over ``batches``
+    full batches each; the best is the ceiling."""
     rates: dict[str, float] = {}
     for size in batch_sizes:
-        sample = _two_batches(prompts, size)
+        sample = _cycled(prompts, size * batches)
         started = time.perf_counter()
         for i in range(0, len(sample), size):
             encoded = [loaded.tokenizer(p).input_ids for p in sample[i:i + size]]
@@ -190,7 +192,7 @@ def offline_engine(loaded: LoadedModel, prompts: list[str], new_tokens: int,
     CPU threads for this run only (default: as they are). Greedy unless ``temperature``."""
     params = wire.GenerationParams(max_new_tokens=new_tokens, ignore_eos=True,
                                    temperature=temperature, top_p=top_p)
-    sample = _two_batches(prompts, batch_size)
+    sample = _cycled(prompts, batch_size * 2)
     pending = [PreparedRequest(wire.GenerationRequest(request_id=f"offline-{i}", prompt=p,
                                                       params=params),
                                loaded.tokenizer(p).input_ids, new_tokens, time.time())
@@ -215,6 +217,6 @@ def _step_until_done(engine: Engine, pending: list[PreparedRequest], batch_size:
     return generated / (time.perf_counter() - started)
 
 
-def _two_batches(prompts: list[str], size: int) -> list[str]:
-    """``2 * size`` prompts, ``prompts`` repeated as often as needed."""
-    return (prompts * ((size * 2) // max(1, len(prompts)) + 1))[:size * 2]
+def _cycled(prompts: list[str], count: int) -> list[str]:
+    """``count`` prompts, ``prompts`` repeated as often as needed."""
+    return (prompts * (count // max(1, len(prompts)) + 1))[:count]

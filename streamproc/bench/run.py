@@ -12,26 +12,30 @@ import gc
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import torch
 
-from streamproc import topics, wire
+from streamproc import topics
+from streamproc.bench.load import replay
 from streamproc.bench.long_prompts import LONG_PROMPT, ROUNDS, RUNNING, compare_chunk_sizes
 from streamproc.bench.measure import Observation, summarize
+from streamproc.bench.paired import PairedCeiling
 from streamproc.bench.peers import offline_ceiling, offline_engine
 from streamproc.bench.serve import READY, Peer, PeerSpec
 from streamproc.bench.trace import Arrival, TraceSettings, build
-from streamproc.client import ResultStream, StreamprocClient
+from streamproc.client import StreamprocClient
 from streamproc.config import TopicNames, WorkerConfig
 from streamproc.engine.loader import LoadedModel
 from streamproc.engine.threads import serving_threads, usable_cores
 from streamproc.metrics.stats import percentile
 
 Progress = Callable[[str], None]
+AfterTrace = Callable[[StreamprocClient], Awaitable[None]]
+"""Run against a peer that has served the trace, before it stops, with the trace's client."""
 PEERS = ("naive", "fixed_window", "streamproc")
 PEER_START_TIMEOUT_S = 120.0
 SMALL_CHUNK = 128
@@ -50,31 +54,63 @@ class BenchSettings:
     max_batch_size: int = 128
     """streamproc's largest decode batch; the ceiling is measured up to the same size."""
     drain_timeout_s: float = 180.0
+    paired_rounds: int = 3
+    """Saturation waves through streamproc after the trace, each between two ceiling runs
+    (:mod:`streamproc.bench.paired`); 0: none, the target reads the trace's wave."""
+
+    @property
+    def ceiling_batch_sizes(self) -> tuple[int, ...]:
+        return tuple(s for s in (8, 16, 32, 64, 128, 256) if s <= self.max_batch_size)
 
 
 async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,
                     settings: BenchSettings, progress: Progress) -> dict[str, Any]:
     trace = build(settings.trace)
     progress(f"trace: {len(trace)} requests, {settings.trace.max_new_tokens} tokens each")
-    observations = await replay_peers(bootstrap, model_dir, trace, settings, progress)
+    prompts = [a.prompt for a in trace[:64]]
+    paired = _paired_ceiling(loaded, prompts, trace, settings)
+    pairing = _announced(paired, progress) if settings.paired_rounds > 0 else None
+    observations = await replay_peers(bootstrap, model_dir, trace, settings, progress,
+                                      after_streamproc=pairing)
     runs: dict[str, Any] = {name: _summaries(o, settings) for name, o in observations.items()}
-    runs.update(await _offline_runs(loaded, [a.prompt for a in trace[:64]], settings,
-                                    progress))
+    runs.update(await _offline_runs(loaded, prompts, settings, progress, paired.sweep))
     long_prompts = await _long_prompt_runs(loaded, progress)
-    targets = _targets(runs, settings)
+    pairs = paired.report(settings.ttft_target_s, settings.itl_target_s)
+    targets = _targets(runs, settings, pairs)
     targets["ratios"].update(_long_prompt_ratios(long_prompts))
-    return {"runs": runs, "targets": targets, "long_prompts": long_prompts,
+    return {"runs": runs, "targets": targets, "long_prompts": long_prompts, "paired": pairs,
             "settings": {"trace": settings.trace.__dict__, "ttft_target_ms":
                          settings.ttft_target_s * 1000, "itl_target_ms":
                          settings.itl_target_s * 1000},
             "timelines": {n: _timeline(o) for n, o in observations.items()}}
 
 
+def _paired_ceiling(loaded: LoadedModel, prompts: list[str], trace: list[Arrival],
+                    settings: BenchSettings) -> PairedCeiling:
+    return PairedCeiling(loaded, prompts, [a for a in trace if a.phase == "saturation"],
+                         settings.trace.max_new_tokens, settings.ceiling_batch_sizes,
+                         settings.paired_rounds, settings.drain_timeout_s)
+
+
+def _announced(paired: PairedCeiling, progress: Progress) -> AfterTrace:
+    async def measure(client: StreamprocClient) -> None:
+        progress(f"offline ceiling: generate() alone at batch sizes "
+                 f"{', '.join(map(str, paired.batch_sizes))}")
+        await paired.sweep_sizes()
+        progress(f"[streamproc] {paired.rounds} more saturation waves of "
+                 f"{len(paired.wave)}, each between two runs of generate() at batch size "
+                 f"{paired.batch_size}")
+        await paired.measure(client)
+    return measure
+
+
 async def replay_peers(bootstrap: str, model_dir: str, trace: list[Arrival],
-                       settings: BenchSettings, progress: Progress
+                       settings: BenchSettings, progress: Progress, *,
+                       after_streamproc: AfterTrace | None = None
                        ) -> dict[str, list[Observation]]:
     """Each peer in turn, in a process of its own and on fresh topics, serving ``trace``:
-    every request as the client saw it."""
+    every request as the client saw it. ``after_streamproc`` runs once streamproc has
+    served the trace, before it stops."""
     observations: dict[str, list[Observation]] = {}
     for name in PEERS:
         # What the bench process holds so far (the model, earlier runs' observations) leaves
@@ -84,20 +120,23 @@ async def replay_peers(bootstrap: str, model_dir: str, trace: list[Arrival],
         gc.freeze()
         names = await _fresh_topics(bootstrap)
         peer = _make_peer(name, bootstrap, names, model_dir, settings)
+        after = after_streamproc if name == "streamproc" else None
         observations[name] = await _replay(name, peer, bootstrap, names, trace, settings,
-                                           progress)
+                                           progress, after)
     return observations
 
 
 async def _offline_runs(loaded: LoadedModel, prompts: list[str], settings: BenchSettings,
-                        progress: Progress) -> dict[str, Any]:
-    """The ceiling and the engine alone, with no Kafka, in this process."""
+                        progress: Progress, sweep: dict[str, float]) -> dict[str, Any]:
+    """The ceiling (``sweep``, if it was measured beside streamproc) and the engine alone,
+    with no Kafka, in this process."""
     runs: dict[str, Any] = {}
-    progress("offline ceiling: generate() alone at several batch sizes")
     new_tokens, batch = settings.trace.max_new_tokens, settings.max_batch_size
-    sizes = tuple(s for s in (8, 16, 32, 64, 128, 256) if s <= batch)
-    rates = await asyncio.to_thread(offline_ceiling, loaded, prompts, new_tokens, sizes)
-    runs["offline_ceiling"] = _ceiling_run(rates)
+    if not sweep:
+        progress("offline ceiling: generate() alone at several batch sizes")
+        sweep = await asyncio.to_thread(offline_ceiling, loaded, prompts, new_tokens,
+                                        settings.ceiling_batch_sizes)
+    runs["offline_ceiling"] = _ceiling_run(sweep)
     progress("offline engine: streamproc's engine alone, no Kafka")
     engine_rate = await asyncio.to_thread(offline_engine, loaded, prompts, new_tokens, batch)
     runs["offline_engine"] = _ceiling_run({str(batch): engine_rate})
@@ -183,7 +222,7 @@ async def _fresh_topics(bootstrap: str) -> TopicNames:
 
 async def _replay(name: str, peer: Peer, bootstrap: str, names: TopicNames,
                   trace: list[Arrival], settings: BenchSettings,
-                  progress: Progress) -> list[Observation]:
+                  progress: Progress, after: AfterTrace | None) -> list[Observation]:
     await peer.start()
     lane = names.requests[-1]
     try:
@@ -191,50 +230,15 @@ async def _replay(name: str, peer: Peer, bootstrap: str, names: TopicNames,
                                     reply_topic=names.responses) as client:
             progress(f"[{name}] replaying {len(trace)} requests")
             started = time.monotonic()
-            observations, followers = await _submit_on_schedule(client, trace)
-            await asyncio.wait(followers, timeout=settings.drain_timeout_s)
+            observations = await replay(client, trace, settings.drain_timeout_s)
             finished = sum(o.finished is not None for o in observations)
             progress(f"[{name}] {finished}/{len(trace)} completed in "
                      f"{time.monotonic() - started:.1f}s")
-            for follower in followers:
-                follower.cancel()
+            if after is not None:
+                await after(client)
             return observations
     finally:
         await peer.stop()
-
-
-async def _submit_on_schedule(client: StreamprocClient, trace: list[Arrival]
-                              ) -> tuple[list[Observation], list[asyncio.Task[None]]]:
-    """Submit each arrival at its time; each follower fills its observation in place,
-    so a request that never finishes still counts (as lost)."""
-    start = time.monotonic()
-    observations: list[Observation] = []
-    followers: list[asyncio.Task[None]] = []
-    params_by_tokens: dict[int, wire.GenerationParams] = {}
-    for arrival in trace:
-        delay = start + arrival.at_s - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        params = params_by_tokens.setdefault(arrival.max_new_tokens, wire.GenerationParams(
-            max_new_tokens=arrival.max_new_tokens, ignore_eos=True))
-        observation = Observation(arrival.phase, time.time())
-        stream = await client.submit(arrival.prompt, params=params)
-        observations.append(observation)
-        followers.append(asyncio.create_task(_follow(stream, observation)))
-    return observations, followers
-
-
-async def _follow(stream: ResultStream, observation: Observation) -> None:
-    last: float | None = None
-    async for chunk in stream:
-        now = time.time()
-        if last is None:
-            observation.first_token = now
-        elif chunk.token_ids:
-            observation.gaps += [(now - last) / len(chunk.token_ids)] * len(chunk.token_ids)
-        last = now
-        observation.tokens += len(chunk.token_ids)
-    observation.finished = time.time()
 
 
 def _summaries(observations: list[Observation], settings: BenchSettings) -> dict[str, Any]:
@@ -272,14 +276,22 @@ def _timeline(observations: list[Observation]) -> list[list[float]]:
     return rows
 
 
-def _targets(runs: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
+def _targets(runs: dict[str, Any], settings: BenchSettings,
+             paired: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The targets' ratios and whether each is met. ``paired``: the rounds of
+    :mod:`streamproc.bench.paired`, whose median ratio the throughput target reads when
+    there were any (else the trace's wave against the sweep's best)."""
     ours, fixed, naive = runs["streamproc"], runs["fixed_window"], runs["naive"]
     ceiling = runs["offline_ceiling"]["tokens_per_s"]
     itl_limit = settings.itl_target_s * 1.2 * 1000
     alone = {"engine_alone": "offline_engine",
              "engine_alone_worker_threads": "offline_engine_worker_threads"}
+    trace_ratio = ours["saturated_tokens_per_s"] / ceiling if ceiling else 0.0
+    paired_rounds = bool(paired and paired["rounds"])
     ratio = {
-        "throughput_vs_ceiling": ours["saturated_tokens_per_s"] / ceiling if ceiling else 0.0,
+        "throughput_vs_ceiling": paired["median_ratio"] if paired and paired_rounds
+        else trace_ratio,
+        "throughput_vs_ceiling_trace": trace_ratio,
         **{f"{key}_vs_ceiling": runs[run]["tokens_per_s"] / ceiling if ceiling else 0.0
            for key, run in alone.items() if run in runs},
         "throughput_vs_naive": (ours["saturated_tokens_per_s"]
@@ -299,7 +311,8 @@ def _targets(runs: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
         "ttft_p99_vs_fixed_window <= 1/3": ratio["ttft_p99_vs_fixed_window"] <= 1 / 3,
         "burst itl p95 within 1.2x target (and fixed window not)":
             ratio["burst_itl_p95_ms"] <= itl_limit < ratio["fixed_window_burst_itl_p95_ms"],
-        "nothing lost": all(r["lost"] == 0 for r in runs.values()),
+        "nothing lost": (all(r["lost"] == 0 for r in runs.values())
+                         and (paired is None or paired["lost"] == 0)),
     }
     return {"ratios": ratio, "met": met}
 

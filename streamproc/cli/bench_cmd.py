@@ -15,6 +15,7 @@ from streamproc.cli.common import add_bootstrap, run
 from streamproc.cli.demo_cmd import local_broker, tiny_model
 from streamproc.config import bootstrap_from_env
 from streamproc.engine.loader import load_model
+from streamproc.errors import ConfigError
 
 _TRACE = TraceSettings()
 _SETTINGS = BenchSettings()
@@ -46,6 +47,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--saturation", type=int, default=_TRACE.saturation_requests,
                    help="requests in the last wave, all at once (%(default)s): enough that "
                    "batches run full for a while, not just ramp up and down")
+    p.add_argument("--paired-rounds", type=int, default=_SETTINGS.paired_rounds,
+                   help="after the trace, saturation waves through streamproc taken in turns "
+                   "with generate() at its best batch size; the throughput target reads "
+                   "their median ratio (%(default)s; 0: the trace's wave against the sweep)")
     p.add_argument("--max-new-tokens", type=int, default=_TRACE.max_new_tokens,
                    help="tokens generated per request (%(default)s)")
     p.add_argument("--ttft-target-ms", type=float, default=_SETTINGS.ttft_target_s * 1000,
@@ -59,8 +64,11 @@ def _main(args: argparse.Namespace) -> int:
     trace = TraceSettings(rates=tuple(float(r) for r in args.rates.split(",")),
                           phase_s=args.phase_seconds, saturation_requests=args.saturation,
                           max_new_tokens=args.max_new_tokens)
+    if args.paired_rounds < 0:
+        raise ConfigError(f"--paired-rounds must be >= 0, got {args.paired_rounds}")
     settings = BenchSettings(trace=trace, ttft_target_s=args.ttft_target_ms / 1000,
-                             itl_target_s=args.itl_target_ms / 1000)
+                             itl_target_s=args.itl_target_ms / 1000,
+                             paired_rounds=args.paired_rounds)
     with ExitStack() as cleanup:
         address = args.bootstrap or bootstrap_from_env() or local_broker(cleanup)
         model = args.model or tiny_model()
@@ -93,6 +101,7 @@ def table(report: dict[str, Any]) -> str:
             cells = "".join(_cell(figures.get(key)) for key, _ in COLUMNS)
             lines.append(f"{name + suffix:<{NAME_WIDTH}}" + cells)
     lines += _long_prompt_lines(report.get("long_prompts", {}))
+    lines += _paired_lines(report.get("paired"))
     lines.append("")
     for key, value in report["targets"]["ratios"].items():
         lines.append(f"{key:<40} {value:10.2f}")
@@ -112,6 +121,21 @@ def _long_prompt_lines(runs: dict[str, Any]) -> list[str]:
             "tokens_per_s", "step_p50_ms", "long_prompt_step_p50_ms", "long_prompt_step_max_ms"))
         lines.append(f"{label:<{NAME_WIDTH}}{cells}")
     return lines
+
+
+def _paired_lines(paired: dict[str, Any] | None) -> list[str]:
+    """The saturation waves taken in turns with the ceiling, and each one's ratio."""
+    if not paired or not paired["rounds"]:
+        return []
+    def cells(values: list[float], digits: int) -> str:
+        return "".join(f"{v:>11.{digits}f}" for v in values)
+    return ["", f"paired with generate() at batch size {paired['batch_size']} "
+                f"(median ratio {paired['median_ratio']:.2f})",
+            f"{'ceiling runs, tokens/s':<{NAME_WIDTH}}"
+            + cells(paired["ceiling_tokens_per_s"], 1),
+            f"{'streamproc waves, tokens/s':<{NAME_WIDTH}}"
+            + cells(paired["streamproc_tokens_per_s"], 1),
+            f"{'wave / ceiling around it':<{NAME_WIDTH}}" + cells(paired["ratios"], 2)]
 
 
 def _cell(value: Any) -> str:
