@@ -213,4 +213,3 @@ def test_each_wave_is_set_against_the_ceiling_runs_either_side_of_it() -> None:
     with pytest.raises(ValueError, match="2 waves need 3 ceiling runs"):
         wave_ratios([100.0, 80.0], [45.0, 90.0])
     assert best_batch_size({"8": 10.0, "64": 30.0, "128": 20.0}) == 64
-

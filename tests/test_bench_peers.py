@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from streamproc.bench.paired import PairedCeiling, wave_ratios
-from streamproc.bench.run import PEERS, BenchSettings, replay_peers
+from streamproc.bench.paired import wave_ratios
+from streamproc.bench.run import PEERS, BenchSettings, _announced, _paired_ceiling, replay_peers
 from streamproc.bench.trace import TraceSettings, build
-from streamproc.client import StreamprocClient
 from streamproc.engine.loader import LoadedModel
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
@@ -25,17 +24,10 @@ async def test_every_peer_streams_every_request_of_the_trace_whole(
         bootstrap: str, tiny_model_dir: Path, loaded_model: LoadedModel) -> None:
     trace = build(SHORT.trace)
     said: list[str] = []
-    wave = [a for a in trace if a.phase == "saturation"]
-    paired = PairedCeiling(loaded_model, [a.prompt for a in trace[:4]], wave,
-                           SHORT.trace.max_new_tokens, (2, 4), rounds=2,
-                           drain_timeout_s=SHORT.drain_timeout_s)
-
-    async def pair(client: StreamprocClient) -> None:
-        await paired.sweep_sizes()
-        await paired.measure(client)
-
+    # As run_bench wires it: after the trace, streamproc serves paired rounds.
+    paired = _paired_ceiling(loaded_model, [a.prompt for a in trace[:4]], trace, SHORT)
     seen = await replay_peers(bootstrap, str(tiny_model_dir), trace, SHORT, said.append,
-                              after_streamproc=pair)
+                              after_streamproc=_announced(paired, said.append))
     assert list(seen) == list(PEERS)
     for name, observations in seen.items():
         assert [o.phase for o in observations] == [a.phase for a in trace], name
@@ -47,14 +39,16 @@ async def test_every_peer_streams_every_request_of_the_trace_whole(
             assert o.submitted <= o.first_token <= o.finished
         assert f"[{name}] {len(trace)}/{len(trace)} completed" in "\n".join(said)
 
-    # After the trace, streamproc served two more waves, each between two ceiling runs.
-    assert set(paired.sweep) == {"2", "4"}
-    assert (len(paired.waves), len(paired.ceilings)) == (2, 3)
+    # Then three more waves, each between two ceiling runs at the sweep's best size.
+    wave = [a for a in trace if a.phase == "saturation"]
+    assert set(paired.sweep) == {"8"}
+    assert "[streamproc] 3 more saturation waves of 12" in "\n".join(said)
+    assert (len(paired.waves), len(paired.ceilings)) == (3, 4)
     for observations in paired.waves:
         assert [o.tokens for o in observations] == [a.max_new_tokens for a in wave]
     report = paired.report(SHORT.ttft_target_s, SHORT.itl_target_s)
-    assert (report["requests"], report["completed"], report["lost"]) == (24, 24, 0)
-    assert report["batch_size"] == paired.batch_size
+    assert (report["requests"], report["completed"], report["lost"]) == (36, 36, 0)
+    assert report["batch_size"] == 8
     assert all(rate > 0 for rate in report["ceiling_tokens_per_s"])
     assert report["ratios"] == wave_ratios(report["ceiling_tokens_per_s"],
                                            report["streamproc_tokens_per_s"])
