@@ -2,9 +2,9 @@
 
 The trace's saturation wave and the sweep of ``generate()`` over batch sizes run a
 minute or more apart, and the sweep keeps the best of its short samples (two
-batches each: at batch size 8, a few tens of milliseconds of work). On a shared
-machine whose speed moves between one minute and the next, that one ratio says as
-much about when each side was measured as about serving. So, while the streamproc
+batches each: at batch size 8, about a tenth of a second of work). On a shared
+machine whose speed moves within seconds, that one ratio says as much about when
+each side was measured as about serving. So, while the streamproc
 peer is still up after the trace, this takes turns: ``generate()`` at the sweep's
 best batch size, a saturation wave through the worker, ``generate()`` again, and so
 on. Each wave is compared with the mean of the two ceiling runs around it, and the
