@@ -287,10 +287,9 @@ def _targets(runs: dict[str, Any], settings: BenchSettings,
     alone = {"engine_alone": "offline_engine",
              "engine_alone_worker_threads": "offline_engine_worker_threads"}
     trace_ratio = ours["saturated_tokens_per_s"] / ceiling if ceiling else 0.0
-    paired_rounds = bool(paired and paired["rounds"])
+    paired_ratio = paired["median_ratio"] if paired and paired["rounds"] else None
     ratio = {
-        "throughput_vs_ceiling": paired["median_ratio"] if paired and paired_rounds
-        else trace_ratio,
+        "throughput_vs_ceiling": trace_ratio if paired_ratio is None else paired_ratio,
         "throughput_vs_ceiling_trace": trace_ratio,
         **{f"{key}_vs_ceiling": runs[run]["tokens_per_s"] / ceiling if ceiling else 0.0
            for key, run in alone.items() if run in runs},
