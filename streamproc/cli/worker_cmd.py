@@ -11,6 +11,7 @@ from pathlib import Path
 
 from streamproc.cli.common import add_bootstrap, bootstrap, run, setup_logging
 from streamproc.config import WorkerConfig
+from streamproc.engine import catalog
 from streamproc.engine.loader import describe_model, load_model
 from streamproc.topics import load_specs, topic_names
 from streamproc.worker.app import Worker
@@ -24,7 +25,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description="Consume prompt jobs, generate, stream token chunks back. "
                        "Every option also reads STREAMPROC_<OPTION> from the environment.")
     add_bootstrap(p)
-    p.add_argument("--model", help="Hugging Face hub id or local model directory (required)")
+    p.add_argument("--model", help=_help(
+        "catalog name (`streamproc model list`), .gguf file, model directory or hub id; "
+        "fetched on first use (default: {})", "model"))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help=_help("default: {}", "device"))
     p.add_argument("--cpu-threads", type=int, help=_help(
@@ -53,7 +56,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--ttft-target-ms", type=float,
                    help=_help("adaptive: TTFT p95 target ({})", "ttft_target_ms"))
     p.add_argument("--itl-target-ms", type=float,
-                   help=_help("adaptive: inter-token p95 target ({})", "itl_target_ms"))
+                   help=_help("adaptive: inter-token p95 target ({}; 0: none, batch for "
+                              "throughput)", "itl_target_ms"))
+    p.add_argument("--trace-file",
+                   help="write every engine step and controller decision here (JSON lines)")
     p.add_argument("--chunk-rate", type=float, help=_help(
         "chunks/s to publish over all streams; a stream's tokens merge for up to streams/rate "
         "s, at most half the inter-token target ({}; 0: off)", "chunk_rate"))
@@ -106,6 +112,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 async def serve(config: WorkerConfig) -> int:
     log.info("loading model %s", config.model)
+    # Fetched and converted once, here: the engine's process then loads a plain directory.
+    config = replace(config, model=await asyncio.to_thread(catalog.resolve, config.model))
     if config.engine_process:  # the engine's process loads the weights, once
         loaded = await asyncio.to_thread(describe_model, config.model, config.device)
     else:

@@ -1,7 +1,10 @@
-"""Loading any causal LM and its tokenizer, from the hub or a local directory."""
+"""Loading any causal LM and its tokenizer: a catalog name, a GGUF file, a directory or a
+hub id (see :mod:`streamproc.engine.catalog`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +14,8 @@ from transformers.utils import logging as hf_logging
 
 from streamproc import logs
 from streamproc.config import Device
-from streamproc.errors import ConfigError
+from streamproc.engine import catalog
+from streamproc.errors import ConfigError, ModelError
 
 logs.adopt_library_loggers()  # transformers was just imported
 
@@ -59,11 +63,12 @@ def load_model(name: str, device: Device = "auto", *,
     Only safetensors weights load unless ``allow_unsafe_weights``: pickle-based
     ``.bin`` files can run code when read. Remote code is never trusted.
     """
-    target, tokenizer = _device_and_tokenizer(name, device)
+    name, target, tokenizer = _device_and_tokenizer(name, device)
     dtype = pick_dtype(target)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, use_safetensors=None if allow_unsafe_weights else True,
-        trust_remote_code=False)
+    with _load_errors(name):
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, use_safetensors=None if allow_unsafe_weights else True,
+            trust_remote_code=False)
     model = model.to(target).eval()
     model.generation_config.use_cache = True
     return LoadedModel(
@@ -80,8 +85,9 @@ def load_model(name: str, device: Device = "auto", *,
 def describe_model(name: str, device: Device = "auto") -> LoadedModel:
     """What :func:`load_model` gives but the weights (``model`` is None): for a worker whose
     engine loads them in a process of its own, so they are not held twice."""
-    target, tokenizer = _device_and_tokenizer(name, device)
-    config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    name, target, tokenizer = _device_and_tokenizer(name, device)
+    with _load_errors(name):
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     try:
         generation = GenerationConfig.from_pretrained(name)
     except OSError:  # none saved: what the model config says, as from_pretrained does
@@ -91,12 +97,25 @@ def describe_model(name: str, device: Device = "auto") -> LoadedModel:
                        eos_ids=_eos_ids(generation, tokenizer), pad_id=_pad_id(tokenizer))
 
 
-def _device_and_tokenizer(name: str, device: Device) -> tuple[torch.device, Any]:
-    """What loading and describing a model both start with."""
-    if not name:
-        raise ConfigError("no model given: pass --model <hub id or local directory>")
+def _device_and_tokenizer(name: str, device: Device) -> tuple[str, torch.device, Any]:
+    """What loading and describing a model both start with: where it is (fetched and
+    converted first if it is a catalog name or a GGUF file), the device, the tokenizer."""
+    target = resolve_device(device)
+    path = catalog.resolve(name)
     hf_logging.disable_progress_bar()
-    return resolve_device(device), load_tokenizer(name)
+    with _load_errors(path):
+        return path, target, load_tokenizer(path)
+
+
+@contextmanager
+def _load_errors(name: str) -> Iterator[None]:
+    """transformers' failures to find or read a model, as one line that says what to do."""
+    try:
+        yield
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {name!r}: {first} (known names: "
+                         f"{', '.join(catalog.known_names())})") from exc
 
 
 def _max_context(config: Any, tokenizer: Any) -> int:

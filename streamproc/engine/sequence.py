@@ -89,19 +89,22 @@ class Sequence:
         return self.generated[-1]
 
     def advance(self, token: int, now: float) -> TokenEvent:
-        """Append ``token`` and say what it adds to the stream."""
-        self.generated.append(token)
+        """Append ``token`` and say what it adds to the stream.
+
+        An end-of-sequence token (a chat model's end of turn) ends the stream but is not
+        part of it: not in its text, its token ids or ``usage`` (as ``generate()``'s output
+        less its last token), so the stream holds the answer and nothing else."""
         if self.first_token_at is None:
             self.first_token_at = now
-        reason: FinishReason | None = None
         if token in self.eos_ids and not self.prepared.request.params.ignore_eos:
-            reason, text = "stop", self._drain(self.detokenizer.flush())
-        else:
-            text, hit = self.stop.feed(self.detokenizer.push(token))
-            if hit:
-                reason = "stop"
-            elif len(self.generated) >= self.prepared.max_new_tokens:
-                reason, text = "length", text + self._drain(self.detokenizer.flush())
+            return self._finish_event([], self._drain(self.detokenizer.flush()), "stop", now)
+        self.generated.append(token)
+        reason: FinishReason | None = None
+        text, hit = self.stop.feed(self.detokenizer.push(token))
+        if hit:
+            reason = "stop"
+        elif len(self.generated) >= self.prepared.max_new_tokens:
+            reason, text = "length", text + self._drain(self.detokenizer.flush())
         return self._event(token, text, reason, now)
 
     def expire(self, now: float) -> TokenEvent:
