@@ -1,34 +1,39 @@
-"""The adaptive admission window: how long to gather arrivals, and how many to admit.
+"""The adaptive controller: how many rows decode together, which waiting prompts join the
+next step, and how long an idle engine gathers arrivals.
 
-Pure: latencies in, a window and an admission size out. Two knobs trade time to
-first token against inter-token latency. A longer window and a larger admission
-size batch more prefills together (fewer interruptions of the running batch,
-better throughput) but make newcomers wait; every prefill lengthens the step
-that carries it, which is what running sequences feel as inter-token latency.
+Pure: step figures and latencies in, decisions out; the clock is passed in.
 
-A third knob, the running cap, bounds how many sequences decode together:
-where a step's cost grows with the batch (compute-bound models, CPUs), that
-size is what sets inter-token latency between prefills.
+Every running row waits one whole step for its next token, so the inter-token latency a
+reader sees is the step time: the decode of B rows plus whatever prefill the step
+carries. The controller learns both costs online (:mod:`streamproc.admission.costs`) and
+decides **every step**:
 
-Every ``every_n_steps`` observations the controller compares p95 estimates
-over recent observations with the targets:
+* **running cap** — the most rows whose decode step fits the inter-token budget
+  (``itl_target_s`` x ``gain``);
+* **admission** — while the engine is busy, waiting prompts join from the head of the
+  queue as long as the step's predicted cost (decode of the running rows, the chunk of
+  a long prompt under way, their prefill) fits the budget. Prompts that never fit are
+  not starved: an allowance of over-budget steps (``overrun_share`` of all steps, below
+  the 5% a p95 tolerates) admits them, as many as the cap has room for, since a gap that
+  is late counts the same in a p95 however late it is. (On a CPU a prefill pass reads
+  every weight once, as a decode step does: one prompt's prefill alone can exceed an
+  inter-token target, and then every admission is such a step.) An idle engine has no
+  reader to keep waiting: it admits up to the cap, after gathering for ``window_s``.
 
-* inter-token p95 above target * margin → admit fewer at once
-  (* ``decrease``: smaller prefills interrupt for less time); when decode-only
-  steps alone take over ``slack`` * target, the batch itself is the cause, so
-  also cap the running batch below its present size (* ``decrease``; running
-  sequences are never preempted, the batch shrinks as they finish);
-* else TTFT p95 above target * margin   → shorten the window (* ``decrease``),
-  unless consumer lag is high: then the wait in the queue, not the window, is
-  what makes first tokens late;
-* both below target * ``slack`` (the hysteresis band), or inter-token latency
-  alone while consumer lag is high → grow the admission size additively by
-  ``admit_step`` and the running cap by ``running_step`` (1/16 of its range
-  unless set). The window grows by ``window_step_s`` only while consumer lag
-  is high (and both steps double: lean toward throughput); with no backlog to
-  batch, waiting buys nothing, so the window steps back toward its minimum
-  instead;
-* otherwise hold — inside the band nothing moves, so it does not oscillate.
+Feedback corrects what the model misses (other processes on the cores, a kernel that
+slows down): latencies are observed over ``horizon_s`` seconds, not a count of steps, and
+judged at most every ``judge_every_s``:
+
+* inter-token p95 over target → ``gain`` x ``cut`` (the budget shrinks) and the samples
+  are cleared, so the next judgment sees only what followed the cut;
+* inter-token p95 under ``slack`` x target → ``gain`` grows by ``grow`` (up to 1), and
+  if the batch was held at its cap with prompts waiting, the cap may exceed the model's by
+  one more row (the fit's slope can be too steep when it has seen few batch sizes);
+* time to first token over target with no backlog → the idle window halves; with a
+  backlog (consumer lag over ``lag_high``) the window grows: waiting then buys batching.
+
+With ``itl_target_s`` 0 there is no inter-token target (throughput mode): the cap is
+``running_max`` and every waiting prompt that fits the token budget joins.
 """
 
 from __future__ import annotations
@@ -36,151 +41,187 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from streamproc.admission.costs import StepCosts
 from streamproc.metrics.stats import percentile
 
 
 @dataclass
-class RecentP95:
-    """The 95th percentile of the last ``size`` observations.
+class TimedP95:
+    """The 95th percentile of what was observed in the last ``horizon_s`` seconds."""
 
-    A window rather than mean + 1.645 sd: step times are bimodal (decode-only
-    steps, and the few that also carry a prefill), and a normal approximation
-    lets a handful of prefill spikes inflate the estimate far above the real
-    p95, which would starve the batch for no reason.
-    """
+    horizon_s: float
+    _values: deque[tuple[float, float]] = field(default_factory=deque)
 
-    size: int = 128
-    _values: deque[float] = field(default_factory=deque)
+    def observe(self, now: float, value: float) -> None:
+        self._values.append((now, value))
 
-    def observe(self, value: float) -> None:
-        self._values.append(value)
-        if len(self._values) > self.size:
+    def _prune(self, now: float) -> None:
+        while self._values and self._values[0][0] < now - self.horizon_s:
             self._values.popleft()
 
-    @property
-    def seen(self) -> int:
+    def count(self, now: float) -> int:
+        self._prune(now)
         return len(self._values)
+
+    def p95(self, now: float) -> float:
+        self._prune(now)
+        return percentile([v for _, v in self._values], 95)
 
     def clear(self) -> None:
         self._values.clear()
-
-    @property
-    def p95(self) -> float:
-        return percentile(list(self._values), 95)
 
 
 @dataclass(frozen=True)
 class ControllerSettings:
     ttft_target_s: float = 1.0
     itl_target_s: float = 0.1
+    """0: no inter-token target (throughput mode)."""
     window_min_s: float = 0.001
     window_max_s: float = 0.100
-    admit_min: int = 1
-    admit_max: int = 32
+    window_step_s: float = 0.002
     running_max: int = 32
     """The running cap's ceiling: the engine's largest batch."""
-    window_step_s: float = 0.002
-    admit_step: int = 1
-    running_step: int = 0
-    """Additive growth of the running cap; 0: 1/16 of ``running_max``."""
-    decrease: float = 0.5
-    margin: float = 1.2
-    """Cut only when latency exceeds the target by this factor."""
+    start_cap: int = 4
+    """The running cap before any step was measured."""
+    horizon_s: float = 5.0
+    judge_every_s: float = 0.25
+    min_samples: int = 16
+    """Latency samples needed before a judgment."""
+    overrun_share: float = 0.03
+    gain_start: float = 0.9
+    gain_min: float = 0.3
+    cut: float = 0.8
+    grow: float = 0.05
     slack: float = 0.8
-    """Grow only when latency is below this fraction of the target."""
-    every_n_steps: int = 8
-    min_itl_samples: int = 32
-    """Steps to observe after an inter-token cut before judging again: each cut is judged
-    on what followed it, not on the slow steps that caused it (one cut per measurement)."""
     lag_high: int = 0
-    """Consumer lag above which to lean toward throughput (0: never)."""
+    """Consumer lag above which the idle window grows (0: never)."""
 
 
 @dataclass(frozen=True)
 class Adjustment:
-    window_s: float
-    admit_size: int
-    running_cap: int
+    at: float
     reason: str
+    window_s: float
+    running_cap: int
+    gain: float
 
 
 class AdaptiveController:
     def __init__(self, settings: ControllerSettings) -> None:
         self.settings = settings
+        self.costs = StepCosts.fresh()
         self.window_s = settings.window_min_s
-        self.admit_size = max(settings.admit_min, settings.admit_max // 4)
-        self.running_cap = settings.running_max
+        self.gain = settings.gain_start
+        self.itl = TimedP95(settings.horizon_s)
+        self.ttft = TimedP95(settings.horizon_s)
         self.last_reason = "start"
-        self.ttft = RecentP95()
-        self.itl = RecentP95()
-        self.decode = RecentP95()
-        """Decode-only step time: what the running batch alone costs per token."""
-        self._steps = 0
-        self._running = 0
-        self._after_cut = False
+        self.admitted = 0
+        """How many prompts the last admission took (a gauge)."""
+        self._credit = 1.0
+        self._bonus = 0
+        self._held_at_cap = False
+        self._judged_at = float("-inf")
+        self._grown_at = float("-inf")
+        self._last_cap = self.running_cap
 
-    def observe_step(self, itl_s: float | None, ttfts_s: list[float], running: int = 0,
-                     decode_s: float = 0.0) -> None:
-        """One engine step: its longest token gap, its first-token times, how many
-        sequences it held, and how long its decode alone took (0: none)."""
-        if itl_s is not None:
-            self.itl.observe(itl_s)
-        if decode_s:
-            self.decode.observe(decode_s)
+    @property
+    def itl_budget_s(self) -> float:
+        return self.settings.itl_target_s * self.gain
+
+    @property
+    def running_cap(self) -> int:
+        s = self.settings
+        if s.itl_target_s <= 0:
+            return s.running_max
+        if not self.costs.decode.known:
+            return min(s.start_cap, s.running_max)
+        cap = self.costs.decode.largest_within(self.itl_budget_s, s.running_max)
+        return max(1, min(s.running_max, cap + self._bonus))
+
+    def admission(self, waiting_tokens: list[int], running: int,
+                  prefilling_tokens: int = 0) -> int:
+        """How many of the waiting prompts (their token counts, head first) join the next
+        step, beside ``running`` rows and a long prompt's chunk of ``prefilling_tokens``."""
+        free = self.running_cap - running
+        self._held_at_cap = free <= 0 and bool(waiting_tokens)
+        if free <= 0 or not waiting_tokens:
+            return 0
+        if self.settings.itl_target_s <= 0 or running == 0:
+            return self._took(waiting_tokens[:free])
+        budget = (self.itl_budget_s - self.costs.decode_s(running)
+                  - self.costs.prefill_s(prefilling_tokens))
+        count, total = 0, 0
+        for tokens in waiting_tokens[:free]:
+            if self.costs.prefill_s(total + tokens) > budget:
+                break
+            count, total = count + 1, total + tokens
+        if count == 0 and self._credit >= 1.0:
+            # An over-budget step, so prompts that never fit are served. Its gap is late
+            # whatever it carries, and a p95 counts late gaps, not how late: fill it.
+            self._credit -= 1.0
+            count = min(free, len(waiting_tokens))
+        return self._took(waiting_tokens[:count])
+
+    def _took(self, tokens: list[int]) -> int:
+        self.admitted = len(tokens)
+        return len(tokens)
+
+    def observe_step(self, now: float, gaps_s: list[float], ttfts_s: list[float], *,
+                     decode_rows: int = 0, decode_s: float = 0.0, prefill_tokens: int = 0,
+                     prefill_s: float = 0.0) -> None:
+        """One engine step: the token gaps its rows saw, its first tokens' latencies, and
+        what its decode and prefill took."""
+        self.costs.observe(decode_rows, decode_s, prefill_tokens, prefill_s)
+        for gap in gaps_s:
+            self.itl.observe(now, gap)
         for value in ttfts_s:
-            self.ttft.observe(value)
-        self._running = max(self._running, running)
-        self._steps += 1
+            self.ttft.observe(now, value)
+        self._credit = min(1.0, self._credit + self.settings.overrun_share)
 
-    def adjust(self, lag: int = 0) -> Adjustment | None:
-        """Every ``every_n_steps`` steps, the new window and admission size, with why."""
-        if self._steps < self.settings.every_n_steps:
+    def adjust(self, now: float, lag: int = 0) -> Adjustment | None:
+        """What changed since the last call, with why; None when nothing did."""
+        reason = None
+        if now - self._judged_at >= self.settings.judge_every_s:
+            self._judged_at = now
+            itl_reason = self._judge_itl(now)
+            reason = self._judge_window(now, lag) or itl_reason
+        cap = self.running_cap
+        if reason is None and cap != self._last_cap:
+            reason = "cost_model"
+        self._last_cap = cap
+        if reason is None:
             return None
-        self._steps = 0
-        reason = self._decide(lag)
-        self._running = 0
         self.last_reason = reason
-        return Adjustment(self.window_s, self.admit_size, self.running_cap, reason)
+        return Adjustment(now, reason, self.window_s, cap, self.gain)
 
-    def _decide(self, lag: int) -> str:
+    def _judge_itl(self, now: float) -> str | None:
         s = self.settings
-        if self._after_cut and self.itl.seen < min(s.min_itl_samples, self.itl.size):
-            return "measuring"
-        self._after_cut = False
-        itl, ttft = self.itl.p95, self.ttft.p95
-        if itl > s.itl_target_s * s.margin:
-            return self._cut_for_itl()
+        if s.itl_target_s <= 0 or self.itl.count(now) < s.min_samples:
+            return None
+        p95 = self.itl.p95(now)
+        if p95 > s.itl_target_s:
+            self.gain = max(s.gain_min, self.gain * s.cut)
+            self._bonus = 0
+            self.itl.clear()  # judge the cut on what follows it
+            return "itl_over_target"
+        if p95 < s.itl_target_s * s.slack and now - self._grown_at >= s.horizon_s / 4:
+            self._grown_at = now
+            grown = self.gain < 1.0 or self._held_at_cap
+            self.gain = min(1.0, self.gain + s.grow)
+            self._bonus += 1 if self._held_at_cap else 0
+            return "itl_slack" if grown else None
+        return None
+
+    def _judge_window(self, now: float, lag: int) -> str | None:
+        s = self.settings
         backlog = bool(s.lag_high) and lag > s.lag_high
-        # With a backlog, time to first token is mostly the wait in the queue: a shorter
-        # window cannot shorten it, more tokens/s can. So it is not cut for, and with
-        # inter-token slack the controller leans toward throughput.
-        if self.ttft.seen and ttft > s.ttft_target_s * s.margin and not backlog:
-            self.window_s = max(s.window_min_s, self.window_s * s.decrease)
+        if backlog:
+            grown = min(s.window_max_s, self.window_s + s.window_step_s)
+            changed, self.window_s = grown != self.window_s, grown
+            return "lag_high" if changed else None
+        if self.ttft.count(now) >= s.min_samples and self.ttft.p95(now) > s.ttft_target_s:
+            self.window_s = max(s.window_min_s, self.window_s / 2)
+            self.ttft.clear()
             return "ttft_over_target"
-        if itl < s.itl_target_s * s.slack and (backlog or ttft < s.ttft_target_s * s.slack):
-            lean = 2 if backlog else 1
-            self.admit_size = min(s.admit_max, self.admit_size + lean * s.admit_step)
-            running_step = s.running_step or max(1, s.running_max // 16)
-            self.running_cap = min(s.running_max, self.running_cap + lean * running_step)
-            if lean > 1:
-                self.window_s = min(s.window_max_s, self.window_s + 2 * s.window_step_s)
-                return "slack_lag_high"
-            self.window_s = max(s.window_min_s, self.window_s - s.window_step_s)
-            return "slack"
-        return "within_band"
-
-    def _cut_for_itl(self) -> str:
-        s = self.settings
-        # Smaller prefills interrupt the running batch for less time.
-        self.admit_size = max(s.admit_min, int(self.admit_size * s.decrease))
-        reason = "itl_over_target"  # prefills, not the batch, are to blame ...
-        if self.decode.p95 > s.itl_target_s * s.slack:
-            # ... unless decoding alone is slow: cap the batch below the size that was too
-            # slow, not below a cap it never reached.
-            biggest = min(self.running_cap, self._running or self.running_cap)
-            self.running_cap = max(s.admit_min, int(biggest * s.decrease))
-            reason = "itl_over_target_batch"
-        self.itl.clear()
-        self.decode.clear()
-        self._after_cut = True
-        return reason
+        self.window_s = max(s.window_min_s, self.window_s - s.window_step_s)
+        return None

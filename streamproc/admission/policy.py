@@ -4,8 +4,8 @@ Pure: numbers and a clock in, a decision out, so they are tested without Kafka
 or a model. The fixed-window policy: while the engine is busy, newcomers join
 at the next step; while it is idle, arrivals are gathered for up to
 ``window_s`` (or until a full batch is waiting) so their prefill is batched.
-The adaptive policy gathers busy or idle, with the window and the admission
-size moved by an :class:`AdaptiveController` from measured latencies.
+The adaptive policy admits what an :class:`AdaptiveController` says fits the next
+step's inter-token budget, and gathers only while the engine is idle.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class BatchPolicy(Protocol):
     def running_cap(self) -> int: ...
 
     def decide(self, waiting_prompt_tokens: list[int], oldest_wait_s: float,
-               running: int) -> BatchDecision: ...
+               running: int, prefilling_tokens: int = 0) -> BatchDecision: ...
 
 
 def fits_budget(prompt_tokens: list[int], limit: int, max_tokens: int) -> int:
@@ -63,7 +63,7 @@ class FixedWindowPolicy:
         return self.max_batch_size
 
     def decide(self, waiting_prompt_tokens: list[int], oldest_wait_s: float,
-               running: int) -> BatchDecision:
+               running: int, prefilling_tokens: int = 0) -> BatchDecision:
         free = self.max_batch_size - running
         if free <= 0 or not waiting_prompt_tokens:
             return BatchDecision(0, None)
@@ -76,9 +76,9 @@ class FixedWindowPolicy:
 
 @dataclass(frozen=True)
 class AdaptivePolicy:
-    """Admit at most ``admit_size`` at once, when ``window_s`` has passed for the oldest
-    arrival or that many are waiting — busy or idle — while fewer than the controller's
-    running cap decode. The controller moves all three knobs."""
+    """While the engine is busy, admit what the controller says fits the next step; while
+    it is idle, gather arrivals for ``window_s`` (or until the cap's worth wait), then
+    admit up to the cap. Prompt tokens stay within ``max_batch_tokens`` a step."""
 
     controller: AdaptiveController
     max_batch_size: int
@@ -90,19 +90,23 @@ class AdaptivePolicy:
 
     @property
     def admit_size(self) -> int:
-        return self.controller.admit_size
+        return self.controller.admitted
 
     @property
     def running_cap(self) -> int:
         return min(self.max_batch_size, self.controller.running_cap)
 
     def decide(self, waiting_prompt_tokens: list[int], oldest_wait_s: float,
-               running: int) -> BatchDecision:
-        free = self.running_cap - running
-        if free <= 0 or not waiting_prompt_tokens:
+               running: int, prefilling_tokens: int = 0) -> BatchDecision:
+        if not waiting_prompt_tokens:
             return BatchDecision(0, None)
-        limit = min(free, self.admit_size)
-        if len(waiting_prompt_tokens) >= limit or oldest_wait_s >= self.window_s:
-            return BatchDecision(fits_budget(waiting_prompt_tokens, limit,
-                                             self.max_batch_tokens), None)
-        return BatchDecision(0, self.window_s - oldest_wait_s)
+        free = self.running_cap - running
+        if running == 0 and len(waiting_prompt_tokens) < free \
+                and oldest_wait_s < self.window_s:
+            return BatchDecision(0, self.window_s - oldest_wait_s)
+        count = self.controller.admission(waiting_prompt_tokens[:max(free, 0)], running,
+                                          prefilling_tokens)
+        if count == 0:
+            return BatchDecision(0, None)
+        return BatchDecision(fits_budget(waiting_prompt_tokens, count, self.max_batch_tokens),
+                             None)

@@ -55,6 +55,10 @@ class Engine:
         """Seconds the last step spent in prefill (0 when it admitted nothing)."""
         self.last_decode_s = 0.0
         """Seconds the last step spent decoding the running batch (0 when it was empty)."""
+        self.last_decode_rows = 0
+        """Rows the last step decoded."""
+        self.last_prefill_tokens = 0
+        """Prompt tokens the last step prefilled (whole prompts and a long prompt's chunk)."""
         self.prefill_overhead_tokens = DEFAULT_OVERHEAD_TOKENS
         """What one more prefill pass costs, in padded prompt tokens (see
         :mod:`streamproc.engine.grouping`); measured by :meth:`warm_up`."""
@@ -125,15 +129,18 @@ class Engine:
                           if needs_chunks(p, self.prefill_chunk_tokens)]
         whole = [p for p in fresh if not needs_chunks(p, self.prefill_chunk_tokens)]
         self.last_prefill_s = self.last_decode_s = 0.0
+        self.last_decode_rows = self.last_prefill_tokens = 0
         # Dropping rows moves others into their place: the KV buffers are inference
         # tensors, which may only be written in inference mode.
         with torch.inference_mode():
             events = self._drop(abandon, cancel, now) + events
             if self._running:
+                self.last_decode_rows = len(self._running)
                 started = time.perf_counter()
                 events += self._decode()
                 self.last_decode_s = time.perf_counter() - started
             if whole or self._partial:
+                self.last_prefill_tokens = sum(len(p.prompt_ids) for p in whole)
                 started = time.perf_counter()
                 events += self._prefill(whole) if whole else []
                 events += self._prefill_chunk(now)
@@ -164,6 +171,7 @@ class Engine:
             return events
         partial = self._partial[0]
         chunk = partial.next_chunk(self.prefill_chunk_tokens)
+        self.last_prefill_tokens += len(chunk)
         device = self._loaded.device
         end = partial.done + len(chunk)
         span = torch.arange(partial.done, end, device=device)

@@ -15,6 +15,7 @@ import socket
 import time
 import uuid
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from streamproc.ingest.control import CancelledIds, ControlListener
 from streamproc.ingest.prepare import Preparer
 from streamproc.metrics.prometheus import LiveGauges, WorkerCollector, serve
 from streamproc.metrics.stats import WorkerStats
+from streamproc.metrics.trace import StepTrace
 from streamproc.publish.publisher import ChunkPacing, Publisher
 from streamproc.worker.engine_process import EngineProcess, EngineSpec
 from streamproc.worker.engine_thread import EngineThread
@@ -76,10 +78,13 @@ class Worker:
                              cancelled=self.cancelled,
                              max_message_bytes=config.max_message_bytes)
         self.controller, self.policy = _batch_policy(config)
+        self._trace = StepTrace(Path(config.trace_file)) if config.trace_file else None
         self.serving = ServingLoop(_engine_runner(config, loaded), self.waiting,
                                    self.policy, self._publisher, self.stats,
                                    controller=self.controller,
-                                   lag=self._backlog)
+                                   lag=self._backlog,
+                                   prefill_chunk_tokens=config.prefill_chunk_tokens,
+                                   trace=self._trace)
         self._device = loaded.device
         self._control = ControlListener(
             kafka.consumer(config.bootstrap, security=config.security, group_id=None),
@@ -153,6 +158,8 @@ class Worker:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         self.serving.close()
+        if self._trace is not None:
+            self._trace.close()
         await self._close_kafka()
         log.info("worker stopped")
 
@@ -280,8 +287,7 @@ def _batch_policy(config: WorkerConfig) -> tuple[AdaptiveController | None, Batc
     controller = AdaptiveController(ControllerSettings(
         ttft_target_s=config.ttft_target_ms / 1000, itl_target_s=config.itl_target_ms / 1000,
         window_min_s=config.window_min_ms / 1000, window_max_s=config.window_max_ms / 1000,
-        admit_max=config.max_batch_size, running_max=config.max_batch_size,
-        lag_high=config.max_inflight))
+        running_max=config.max_batch_size, lag_high=config.max_inflight))
     return controller, AdaptivePolicy(controller, config.max_batch_size,
                                       config.max_batch_tokens)
 

@@ -23,6 +23,7 @@ from streamproc.admission.policy import BatchDecision, BatchPolicy
 from streamproc.channel import Job, WaitingQueue
 from streamproc.engine.sequence import TokenEvent
 from streamproc.metrics.stats import WorkerStats
+from streamproc.metrics.trace import StepRecord, StepTrace
 from streamproc.publish.publisher import Publisher
 from streamproc.worker.steps import EngineRunner, StepResult
 
@@ -33,8 +34,11 @@ class ServingLoop:
     def __init__(self, engine: EngineRunner, waiting: WaitingQueue, policy: BatchPolicy,
                  publisher: Publisher, stats: WorkerStats, *,
                  controller: AdaptiveController | None = None,
-                 lag: Callable[[], int] = lambda: 0) -> None:
+                 lag: Callable[[], int] = lambda: 0, prefill_chunk_tokens: int = 0,
+                 trace: StepTrace | None = None) -> None:
         self._engine = engine
+        self._chunk_tokens = prefill_chunk_tokens
+        self._trace = trace
         self._stats = stats
         self._controller = controller
         self._lag = lag
@@ -47,7 +51,7 @@ class ServingLoop:
         self._cancelled: set[int] = set()
         self._outbox: deque[tuple[Job, TokenEvent]] = deque()
         """What the last step produced, published while the next one runs."""
-        self._unrecorded: tuple[StepResult, int] | None = None
+        self._unrecorded: tuple[StepResult, int, int] | None = None
         """The last step and the jobs it ran with, recorded while the next one runs."""
         self.kv_tokens = 0
         """Real tokens in the KV cache after the last step (a plain int, for gauges)."""
@@ -128,7 +132,7 @@ class ServingLoop:
         if isinstance(done, Exception):
             await self._fail_running(done)
             return
-        self._unrecorded = (done, len(self._jobs))
+        self._unrecorded = (done, len(self._jobs), len(admitted))
         self.kv_tokens = done.kv_tokens
         self._outbox.extend(self._settle(done.events))
 
@@ -136,7 +140,7 @@ class ServingLoop:
         """Statistics and controller feedback of the last step, if not yet recorded."""
         if self._unrecorded is None:
             return
-        (done, jobs), self._unrecorded = self._unrecorded, None
+        (done, jobs, admitted), self._unrecorded = self._unrecorded, None
         stats = self._stats
         stats.step(sum(len(e.token_ids) for e in done.events), done.busy_s)
         if done.prefill_s:
@@ -160,23 +164,44 @@ class ServingLoop:
                 self._last_token_at[key] = done.ended
             else:
                 self._last_token_at.pop(key, None)
-        self._feed_controller(max(gaps, default=None), firsts, jobs, done.decode_s)
+        self._feed_controller(done, gaps, firsts)
+        if self._trace is not None:
+            self._trace.step(StepRecord(done.ended, done.decode_rows, done.decode_s,
+                                        done.prefill_tokens, done.prefill_s, done.busy_s,
+                                        jobs, admitted, self._policy.running_cap,
+                                        len(self._waiting)))
 
-    def _feed_controller(self, itl_s: float | None, ttfts_s: list[float],
-                         batch: int, decode_s: float) -> None:
+    def _feed_controller(self, done: StepResult, gaps_s: list[float],
+                         ttfts_s: list[float]) -> None:
         if self._controller is None:
             return
-        self._controller.observe_step(itl_s, ttfts_s, batch, decode_s)
-        adjustment = self._controller.adjust(self._lag())
+        self._controller.observe_step(done.ended, gaps_s, ttfts_s,
+                                      decode_rows=done.decode_rows, decode_s=done.decode_s,
+                                      prefill_tokens=done.prefill_tokens,
+                                      prefill_s=done.prefill_s)
+        adjustment = self._controller.adjust(time.monotonic(), self._lag())
         if adjustment is not None:
             self._stats.window_changes[adjustment.reason] += 1
+            if self._trace is not None:
+                self._trace.decision(adjustment)
 
     def _decide(self) -> BatchDecision:
         # No decision looks past one full batch of the queue: do not measure the rest.
         # Running as the loop knows it: admissions the engine has not taken yet count.
         return self._policy.decide(self._waiting.prompt_tokens(self._policy.running_cap),
                                    self._waiting.oldest_wait_s(time.monotonic()),
-                                   len(self._jobs))
+                                   len(self._jobs), self._prefilling_tokens())
+
+    def _prefilling_tokens(self) -> int:
+        """What the next step prefills whatever is admitted: a chunk of a long prompt
+        that has no first token yet (the engine works on one such prompt at a time)."""
+        if not self._chunk_tokens:
+            return 0
+        for key, job in self._jobs.items():
+            if key not in self._last_token_at and \
+                    len(job.prepared.prompt_ids) > self._chunk_tokens:
+                return self._chunk_tokens
+        return 0
 
     def _settle(self, events: list[TokenEvent]) -> list[tuple[Job, TokenEvent]]:
         """Match events to their jobs and retire the finished ones now, so the next

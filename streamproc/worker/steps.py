@@ -28,6 +28,10 @@ class StepResult:
     ended: float
     """Monotonic seconds (one clock for every process on the machine)."""
     ended_wall: float
+    decode_rows: int = 0
+    """Rows the step decoded."""
+    prefill_tokens: int = 0
+    """Prompt tokens the step prefilled."""
 
 
 def run_step(engine: Engine, admitted: list[PreparedRequest], abandon: frozenset[int],
@@ -37,7 +41,8 @@ def run_step(engine: Engine, admitted: list[PreparedRequest], abandon: frozenset
     events = engine.step(admitted, abandon, cancel)
     ended = time.monotonic()
     return StepResult(events, ended - started, engine.last_prefill_s, engine.last_decode_s,
-                      engine.kv_tokens, ended, time.time())
+                      engine.kv_tokens, ended, time.time(), engine.last_decode_rows,
+                      engine.last_prefill_tokens)
 
 
 DEFAULT_AHEAD = 2
