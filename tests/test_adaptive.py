@@ -13,7 +13,7 @@ from streamproc.config import WorkerConfig
 from streamproc.metrics.stats import percentile
 from streamproc.worker.app import _batch_policy
 
-from .simulated_engine import Arrival, Costs, burst_then_wave, simulate
+from .simulated_engine import WORKER, Arrival, Costs, burst_then_wave, simulate
 
 EXACT = Costs(noise=0)
 SETTINGS = ControllerSettings(ttft_target_s=1.0, itl_target_s=0.150, running_max=64,
@@ -154,16 +154,17 @@ def shipped(itl_target_ms: float, batch_policy: str = "adaptive"
     return _batch_policy(WorkerConfig(itl_target_ms=itl_target_ms, batch_policy=batch_policy))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("seed", "costs"), [(0, Costs()), (1, Costs()), (2, Costs()),
+                                             (0, WORKER), (1, WORKER)])
 def test_closed_loop_holds_the_inter_token_target_through_a_burst_and_a_wave(
-        seed: int) -> None:
+        seed: int, costs: Costs) -> None:
     """SmolLM2's step costs on this machine's CPU: the fixed window lets inter-token p95
     run to several times a 150 ms target; ours stays within 1.2x and completes all."""
     arrivals = burst_then_wave(seed)
     controller, policy = shipped(150)
-    ours = simulate(policy, controller, arrivals, seed=seed)
+    ours = simulate(policy, controller, arrivals, costs, seed=seed)
     _, fixed_policy = shipped(150, "fixed")
-    fixed = simulate(fixed_policy, None, arrivals, seed=seed)
+    fixed = simulate(fixed_policy, None, arrivals, costs, seed=seed)
     assert ours.completed == fixed.completed == len(arrivals)
     assert ours.itl_p95_s <= 1.2 * 0.150, ours.itl_p95_s
     assert fixed.itl_p95_s > 2 * 0.150  # the scenario binds: without control it is missed
@@ -190,3 +191,25 @@ def test_a_prompt_that_never_fits_the_budget_is_still_served() -> None:
     controller, policy = shipped(150)
     outcome = simulate(policy, controller, arrivals)
     assert outcome.completed == len(arrivals)
+
+
+def test_measured_row_counts_outrank_a_line_fitted_over_small_batches() -> None:
+    """Two and three rows cost more than four on this CPU: a line through sizes 1-3 says
+    nothing above 3 fits a 135 ms budget; the measurements, and one size tried above them,
+    say otherwise, and a size measured over the budget is not used however the line runs."""
+    controller = AdaptiveController(SETTINGS)
+    for i, (rows, took) in enumerate([(1, 0.060), (2, 0.097), (3, 0.120)] * 5):
+        controller.observe_step(i * 0.1, [], [], decode_rows=rows, decode_s=took)
+    assert controller.costs.decode.largest_within(0.135, 64) == 3
+    assert controller.running_cap == 4  # one size above the measured, tried
+    for i in range(5):
+        controller.observe_step(2 + i * 0.1, [], [], decode_rows=4, decode_s=0.092)
+    # from 4 rows at 92 ms, along the chord from 1 row at 60 ms (10.7 ms a row)
+    assert controller.running_cap == 8
+    for i in range(5):
+        controller.observe_step(3 + i * 0.1, [], [], decode_rows=8, decode_s=0.200)
+    # 8 measured over the budget: between 4 and 8 interpolated, so 5 rows (119 ms)
+    assert controller.running_cap == 5
+    # measurements age out after ten seconds, and sizes may be tried again
+    controller.observe_step(20.0, [], [], decode_rows=1, decode_s=0.060)
+    assert controller.costs.rows.measured(8, 20.0) is None

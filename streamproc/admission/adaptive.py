@@ -85,8 +85,9 @@ class ControllerSettings:
     """The running cap before any step was measured."""
     horizon_s: float = 5.0
     judge_every_s: float = 0.25
-    min_samples: int = 16
-    """Latency samples needed before a judgment."""
+    min_samples: int = 40
+    """Latency samples needed before a judgment: enough that a p95 is not their maximum
+    (one late gap in 16 would be), so one admission's long step does not cut the budget."""
     overrun_share: float = 0.03
     gain_start: float = 0.9
     gain_min: float = 0.3
@@ -122,6 +123,8 @@ class AdaptiveController:
         self._held_at_cap = False
         self._judged_at = float("-inf")
         self._grown_at = float("-inf")
+        self._now = 0.0
+        """The last step's time: what the measured row costs' ages are taken against."""
         self._last_cap = self.running_cap
 
     @property
@@ -135,7 +138,11 @@ class AdaptiveController:
             return s.running_max
         if not self.costs.decode.known:
             return min(s.start_cap, s.running_max)
-        cap = self.costs.decode.largest_within(self.itl_budget_s, s.running_max)
+        budget, now = self.itl_budget_s, self._now
+        cap = self.costs.rows_within(budget, s.running_max, now)
+        if self.costs.rows.measured(cap + 1, now) is None and \
+                self.costs.rows.measured(cap, now) is not None:
+            cap += 1  # the next size up is only predicted to miss: try it
         return max(1, min(s.running_max, cap + self._bonus))
 
     def admission(self, waiting_tokens: list[int], running: int,
@@ -171,9 +178,17 @@ class AdaptiveController:
                      prefill_s: float = 0.0) -> None:
         """One engine step: the token gaps its rows saw, its first tokens' latencies, and
         what its decode and prefill took."""
-        self.costs.observe(decode_rows, decode_s, prefill_tokens, prefill_s)
-        for gap in gaps_s:
-            self.itl.observe(now, gap)
+        self._now = now
+        self.costs.observe(decode_rows, decode_s, prefill_tokens, prefill_s, now)
+        overran = prefill_tokens > 0 and decode_s + prefill_s > self.settings.itl_target_s
+        if decode_rows <= self.running_cap and not overran:
+            # Judged: the decode budget's own steps. A batch above the cap (cut since it
+            # was admitted) drains as its rows finish; its late gaps are already answered,
+            # and judging them again would cut again. An admission's step over the target
+            # is the allowance's, which :attr:`ControllerSettings.overrun_share` bounds;
+            # cutting the decode budget for it would shrink every batch after it.
+            for gap in gaps_s:
+                self.itl.observe(now, gap)
         for value in ttfts_s:
             self.ttft.observe(now, value)
         self._credit = min(1.0, self._credit + self.settings.overrun_share)

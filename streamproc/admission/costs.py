@@ -7,12 +7,18 @@ prefill as ``c + d·T`` for T prompt tokens (a pass's fixed cost, then per token
 line is fitted by least squares over recent steps, older steps weighing less
 (exponential forgetting), so the fit follows a device that slows down or speeds up.
 
+A line fitted over a few small batches can mislead: on a CPU, two or three rows may cost
+more than four, and a slope read off sizes 1-3 then forbids every larger batch, which
+is never tried, so the fit never learns better. :class:`RowCosts` therefore also keeps
+what each row count actually measured, so a size seen to fit is trusted over the line,
+and the next size up is tried when the line is the only thing against it.
+
 Pure: numbers in, predictions out; no clock, no I/O.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 FORGET = 0.97
 """Weight kept by each older sample per new one: about the last 30 steps count."""
@@ -73,21 +79,76 @@ class LinearCost:
         return max(0, min(ceiling, int((budget - fixed) / per_unit)))
 
 
+ROW_FORGET = 0.7
+"""Weight an average at one row count keeps per new sample there."""
+ROW_STALE_S = 10.0
+"""A row count not measured for this long is taken as unknown again, and may be retried."""
+
+
+@dataclass
+class RowCosts:
+    """Decode seconds as measured at each row count (a recent-weighted average) and when
+    each was last measured; sizes between measured ones are interpolated, sizes above them
+    extrapolated from the largest."""
+
+    seen: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def observe(self, rows: int, seconds: float, now: float) -> None:
+        average, _ = self.seen.get(rows, (seconds, now))
+        self.seen[rows] = (average * ROW_FORGET + seconds * (1 - ROW_FORGET), now)
+
+    def measured(self, rows: int, now: float) -> float | None:
+        """What ``rows`` recently took, or None if not measured lately."""
+        entry = self.seen.get(rows)
+        if entry is None or now - entry[1] > ROW_STALE_S:
+            return None
+        return entry[0]
+
+    def largest_within(self, budget: float, ceiling: int, now: float,
+                       slope: float) -> int | None:
+        """The largest row count in [0, ceiling] whose estimate fits ``budget``; None when
+        nothing was measured lately (the line alone decides then)."""
+        points = sorted((rows, seconds) for rows, (seconds, at) in self.seen.items()
+                        if now - at <= ROW_STALE_S and rows <= ceiling)
+        if not points:
+            return None
+        best, (low_rows, low_s) = 0, (0, 0.0)
+        for high_rows, high_s in points:
+            for rows in range(low_rows + 1, high_rows + 1):  # interpolated, then measured
+                share = (rows - low_rows) / (high_rows - low_rows)
+                if low_s + (high_s - low_s) * share <= budget and (low_rows or rows == high_rows
+                                                                   or high_s <= budget):
+                    best = rows
+            low_rows, low_s = high_rows, high_s
+        if low_s <= budget:  # above the largest measured: along the steeper of the line's
+            # slope and the chord from the smallest measured size, as a CPU's decode
+            # grows ever more slowly with rows, the chord errs towards fewer rows
+            first_rows, first_s = points[0]
+            if low_rows > first_rows:
+                slope = max(slope, (low_s - first_s) / (low_rows - first_rows))
+            room = (budget - low_s) / slope if slope > 0 else float(ceiling)
+            best = max(best, min(ceiling, low_rows + int(room)))
+        return best
+
+
 @dataclass
 class StepCosts:
     decode: LinearCost
     """Seconds to decode one token for B rows."""
     prefill: LinearCost
     """Seconds to prefill T prompt tokens."""
+    rows: RowCosts = field(default_factory=RowCosts)
+    """Decode as each row count measured it."""
 
     @classmethod
     def fresh(cls) -> StepCosts:
         return cls(LinearCost(), LinearCost())
 
     def observe(self, decode_rows: int, decode_s: float, prefill_tokens: int,
-                prefill_s: float) -> None:
+                prefill_s: float, now: float = 0.0) -> None:
         if decode_rows and decode_s > 0:
             self.decode.observe(decode_rows, decode_s)
+            self.rows.observe(decode_rows, decode_s, now)
         if prefill_tokens and prefill_s > 0:
             self.prefill.observe(prefill_tokens, prefill_s)
 
@@ -96,3 +157,11 @@ class StepCosts:
 
     def decode_s(self, rows: int) -> float:
         return self.decode.predict(rows) if rows else 0.0
+
+    def rows_within(self, budget: float, ceiling: int, now: float) -> int:
+        """The most rows whose decode fits ``budget``: as measured where measured lately,
+        else as the line predicts."""
+        anchored = self.rows.largest_within(budget, ceiling, now, self.decode.line()[1])
+        if anchored is None:
+            return self.decode.largest_within(budget, ceiling)
+        return anchored
