@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from streamproc.bench.long_prompts import compare_chunk_sizes
 from streamproc.bench.measure import Observation, summarize
 from streamproc.bench.paired import best_batch_size, wave_ratios
 from streamproc.bench.peers import offline_ceiling, offline_engine
-from streamproc.bench.run import BenchSettings, _long_prompt_ratios, _targets, _timeline
+from streamproc.bench.run import _timeline
+from streamproc.bench.targets import long_prompt_ratios, targets
 from streamproc.bench.trace import TraceSettings, build
 from streamproc.cli.bench_cmd import table
 from streamproc.engine.loader import LoadedModel
@@ -67,34 +69,74 @@ def fake_run(tokens_per_s: float) -> dict[str, Any]:
     phase = {"tokens_per_s": tokens_per_s, "ttft_p50_ms": 20.0, "ttft_p95_ms": 50.0,
              "ttft_p99_ms": 60.0, "itl_p95_ms": 5.0, "lost": 0}
     return {**phase, "saturated_tokens_per_s": tokens_per_s, "completed": 3,
-            "burst": dict(phase), "steady": dict(phase),
+            "goodput_tokens_per_s": tokens_per_s / 2,
+            "burst": dict(phase), "steady": dict(phase), "saturation": dict(phase),
             "phases": {"burst": dict(phase), "saturation": dict(phase),
                        "steady_8": dict(phase), "steady_2": dict(phase)}}
 
 
-def test_targets_are_ratios_of_runs_measured_side_by_side() -> None:
-    ours, fixed = fake_run(90.0), fake_run(50.0)
-    fixed["steady"]["ttft_p99_ms"] = 240.0  # ours: 60, a quarter of it
-    fixed["burst"]["itl_p95_ms"] = 130.0  # over 1.2 x the 100 ms target; ours: 5
-    runs = {"naive": fake_run(8.0), "fixed_window": fixed, "streamproc": ours,
-            "offline_ceiling": {"tokens_per_s": 100.0, "lost": 0},
+def fake_runs() -> dict[str, Any]:
+    """Every target met at a 100 ms inter-token target: the fixed window's burst and wave
+    over it, its steady TTFT p99 four times throughput mode's."""
+    fixed = fake_run(50.0)
+    fixed["steady"]["ttft_p99_ms"] = 240.0
+    fixed["burst"]["itl_p95_ms"] = fixed["saturation"]["itl_p95_ms"] = 130.0
+    return {"naive": fake_run(8.0), "fixed_window": fixed, "streamproc": fake_run(80.0),
+            "streamproc_throughput": fake_run(90.0),
+            "offline_ceiling": {"tokens_per_s": 100.0, "lost": 0,
+                                "by_batch_size": {"1": 9.0, "8": 100.0}},
             "offline_engine": {"tokens_per_s": 120.0, "lost": 0},
             "offline_engine_sampled": {"tokens_per_s": 108.0, "lost": 0},
             "offline_engine_worker_threads": {"tokens_per_s": 110.0, "lost": 0}}
-    targets = _targets(runs, BenchSettings())
-    assert list(targets["ratios"])[:5] == [
-        "throughput_vs_ceiling", "throughput_vs_ceiling_trace", "engine_alone_vs_ceiling",
-        "engine_alone_worker_threads_vs_ceiling", "throughput_vs_naive"]
-    assert targets["ratios"]["throughput_vs_ceiling"] == pytest.approx(0.9)
-    assert targets["ratios"]["throughput_vs_ceiling_trace"] == pytest.approx(0.9)
-    assert targets["ratios"]["engine_alone_worker_threads_vs_ceiling"] == pytest.approx(1.1)
-    assert targets["ratios"]["engine_sampled_vs_greedy"] == pytest.approx(0.9)
-    assert targets["ratios"]["throughput_vs_naive"] == pytest.approx(11.25)
-    assert targets["ratios"]["ttft_p99_vs_fixed_window"] == pytest.approx(0.25)
-    assert all(targets["met"].values())
+
+
+def test_targets_are_ratios_of_runs_measured_side_by_side() -> None:
+    runs = fake_runs()
+    found = targets(runs, 100.0)
+    ratios = found["ratios"]
+    assert ratios["throughput_vs_ceiling"] == pytest.approx(0.9)
+    assert ratios["throughput_vs_ceiling_trace"] == pytest.approx(0.9)
+    assert ratios["engine_alone_worker_threads_vs_ceiling"] == pytest.approx(1.1)
+    assert ratios["engine_sampled_vs_greedy"] == pytest.approx(0.9)
+    assert ratios["throughput_vs_naive"] == pytest.approx(11.25)
+    # generate() gains 100/9 from batching; throughput mode over naive, 11.25 of it
+    assert ratios["generate_batching_gain"] == pytest.approx(100 / 9)
+    assert ratios["batching_gain_vs_generate"] == pytest.approx(11.25 * 9 / 100)
+    assert ratios["ttft_p99_vs_fixed_window"] == pytest.approx(0.25)
+    assert ratios["goodput_vs_fixed_window"] == pytest.approx(80 / 50)
+    assert ratios["latency_mode_throughput_vs_throughput_mode"] == pytest.approx(80 / 90)
+    assert all(found["met"].values()), found["met"]
+
+
+def test_each_target_fails_on_its_own_figure() -> None:
+    def missed(change: Callable[[dict[str, Any]], None]) -> list[str]:
+        runs = fake_runs()
+        change(runs)
+        return [name for name, ok in targets(runs, 100.0)["met"].items() if not ok]
+    assert missed(lambda r: r["streamproc_throughput"].update(saturated_tokens_per_s=70.0)
+                  ) == ["throughput_vs_ceiling >= 0.9", "batching_gain_vs_generate >= 0.9"]
+    assert missed(lambda r: r["offline_ceiling"]["by_batch_size"].update({"1": 7.0})
+                  ) == ["batching_gain_vs_generate >= 0.9"]
+    assert missed(lambda r: r["streamproc_throughput"]["steady"].update(ttft_p99_ms=90.0)
+                  ) == ["ttft_p99_vs_fixed_window <= 1/3"]
+    # the latency target is read on latency mode, not on throughput mode
+    assert missed(lambda r: r["streamproc_throughput"]["burst"].update(itl_p95_ms=500.0)
+                  ) == []
+    assert missed(lambda r: r["streamproc"]["saturation"].update(itl_p95_ms=121.0)
+                  ) == ["burst and wave itl p95 <= 120 ms"]
+    assert missed(lambda r: r["fixed_window"]["saturation"].update(itl_p95_ms=100.0)
+                  ) == ["fixed window's burst and wave itl p95 over 100 ms"]
+    assert missed(lambda r: r["streamproc"].update(goodput_tokens_per_s=25.0)
+                  ) == ["goodput_vs_fixed_window > 1"]
+    assert missed(lambda r: r["naive"].update(lost=1)) == ["nothing lost"]
+
+
+def test_first_token_ratios_come_phase_by_phase() -> None:
+    runs = fake_runs()
+    fixed = runs["fixed_window"]
     fixed["steady"]["ttft_p50_ms"] = 80.0
     fixed["phases"]["steady_8"]["ttft_p99_ms"] = 120.0
-    by_phase = _targets(runs, BenchSettings())["ratios"]
+    by_phase = targets(runs, 100.0)["ratios"]
     assert by_phase["ttft_p50_vs_fixed_window"] == pytest.approx(0.25)
     assert by_phase["ttft_p99_vs_fixed_window_steady_8"] == pytest.approx(0.5)
     assert by_phase["ttft_p99_vs_fixed_window_steady_2"] == pytest.approx(1.0)
@@ -102,14 +144,10 @@ def test_targets_are_ratios_of_runs_measured_side_by_side() -> None:
     assert "ttft_p99_vs_fixed_window_saturation" not in by_phase
     assert [k for k in by_phase if k.startswith("ttft_p99_vs_fixed_window_")] == [
         f"ttft_p99_vs_fixed_window_{p}" for p in ("steady_2", "steady_8", "burst")]
-    ours["lost"] = 1
     del runs["offline_engine_worker_threads"], runs["offline_engine_sampled"]
-    fixed["burst"]["itl_p95_ms"] = 100.0
-    targets = _targets(runs, BenchSettings())
-    assert "engine_alone_worker_threads_vs_ceiling" not in targets["ratios"]
-    assert "engine_sampled_vs_greedy" not in targets["ratios"]
-    assert not targets["met"]["nothing lost"]
-    assert not targets["met"]["burst itl p95 within 1.2x target (and fixed window not)"]
+    ratios = targets(runs, 100.0)["ratios"]
+    assert "engine_alone_worker_threads_vs_ceiling" not in ratios
+    assert "engine_sampled_vs_greedy" not in ratios
 
 
 def long_prompt_figures(spike_ms: float) -> dict[str, float]:
@@ -121,7 +159,7 @@ def test_long_prompt_ratios_compare_each_chunk_size_with_whole_prompts() -> None
     runs = {"whole": long_prompt_figures(8.0), "chunks_512": long_prompt_figures(4.0),
             "chunks_128": long_prompt_figures(2.0)}
     runs["chunks_128"]["tokens_per_s"] = 90.0
-    ratios = _long_prompt_ratios(runs)
+    ratios = long_prompt_ratios(runs)
     assert ratios == {"long_prompt_spike_chunks_512_vs_whole": pytest.approx(0.5),
                       "long_prompt_rate_chunks_512_vs_whole": pytest.approx(1.0),
                       "long_prompt_spike_chunks_128_vs_whole": pytest.approx(0.25),
@@ -143,13 +181,16 @@ def test_long_prompt_runs_measure_the_steps_of_each_long_prompt(
 
 def test_table_and_chart_render_a_report(tmp_path: Path) -> None:
     report: dict[str, Any] = {
+        "model": {"name": "smollm2-135m-instruct", "parameters": 134_515_008,
+                  "dtype": "torch.float32", "device": "cpu"},
         "runs": {"naive": fake_run(10.0), "fixed_window": fake_run(50.0),
-                 "streamproc": fake_run(80.0),
+                 "streamproc": fake_run(80.0), "streamproc_throughput": fake_run(90.0),
                  "offline_ceiling": {"tokens_per_s": 100.0, "lost": 0}},
         "targets": {"ratios": {"throughput_vs_ceiling": 0.8}, "met": {"nothing lost": True}},
         "settings": {"itl_target_ms": 100.0},
         "timelines": {"naive": [[0.0, 10.0, 2.0]], "fixed_window": [[0.1, 5.0, 1.0]],
-                      "streamproc": [[0.2, 3.0, 1.5]]},
+                      "streamproc": [[0.2, 3.0, 1.5]],
+                      "streamproc_throughput": [[0.2, 2.0, 2.5]]},
     }
     report["long_prompts"] = {"whole": long_prompt_figures(6.0),
                               "chunks_128": long_prompt_figures(3.0)}
@@ -157,7 +198,9 @@ def test_table_and_chart_render_a_report(tmp_path: Path) -> None:
                         "ceiling_tokens_per_s": [100.0, 90.0, 110.0],
                         "streamproc_tokens_per_s": [95.0, 70.0], "ratios": [1.0, 0.7]}
     text = table(report)
-    assert "streamproc" in text
+    assert text.splitlines()[0] == ("model smollm2-135m-instruct: 134.5M parameters, "
+                                    "float32 on cpu")
+    assert "streamproc_throughput (burst)" in text
     assert "paired with generate() at batch size 64 (median ratio 0.88)" in text
     assert "wave / ceiling around it" in text
     assert "chunks_128" in text
@@ -191,19 +234,17 @@ def paired_report(median_ratio: float, rounds: int = 3, lost: int = 0) -> dict[s
 
 
 def test_the_throughput_target_reads_the_paired_rounds_when_there_were_any() -> None:
-    runs = {"naive": fake_run(8.0), "fixed_window": fake_run(50.0),
-            "streamproc": fake_run(90.0),
-            "offline_ceiling": {"tokens_per_s": 100.0, "lost": 0}}
-    met = "throughput_vs_ceiling >= 0.85"
-    paired = _targets(runs, BenchSettings(), paired_report(0.8))
+    runs = fake_runs()
+    met = "throughput_vs_ceiling >= 0.9"
+    paired = targets(runs, 100.0, paired_report(0.8))
     assert paired["ratios"]["throughput_vs_ceiling"] == pytest.approx(0.8)
     assert paired["ratios"]["throughput_vs_ceiling_trace"] == pytest.approx(0.9)
     assert not paired["met"][met]
     assert paired["met"]["nothing lost"]
-    none_run = _targets(runs, BenchSettings(), paired_report(0.0, rounds=0))
+    none_run = targets(runs, 100.0, paired_report(0.0, rounds=0))
     assert none_run["ratios"]["throughput_vs_ceiling"] == pytest.approx(0.9)
     assert none_run["met"][met]
-    assert not _targets(runs, BenchSettings(), paired_report(0.9, lost=1))["met"]["nothing lost"]
+    assert not targets(runs, 100.0, paired_report(0.9, lost=1))["met"]["nothing lost"]
 
 
 def test_each_wave_is_set_against_the_ceiling_runs_either_side_of_it() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLORS = {"naive": "tab:gray", "fixed_window": "tab:orange", "streamproc": "tab:blue"}
+COLORS = {"naive": "tab:gray", "fixed_window": "tab:orange", "streamproc": "tab:blue",
+          "streamproc_throughput": "tab:green"}
 
 
 def draw(report: dict[str, Any], path: Path) -> None:
@@ -16,6 +17,8 @@ def draw(report: dict[str, Any], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     for name, color in COLORS.items():
+        if name not in report["runs"]:
+            continue
         phases = report["runs"][name]["phases"]
         steady = sorted((p for p in phases if p.startswith("steady")),
                         key=lambda p: float(p.split("_")[1]))

@@ -8,30 +8,49 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from contextlib import suppress
 
 from streamproc import wire
 from streamproc.bench.measure import Observation
 from streamproc.bench.trace import Arrival
 from streamproc.client import ResultStream, StreamprocClient
 
+Tick = Callable[[list[Observation]], None]
 
-async def replay(client: StreamprocClient, trace: list[Arrival],
-                 drain_timeout_s: float) -> list[Observation]:
+
+async def replay(client: StreamprocClient, trace: list[Arrival], drain_timeout_s: float, *,
+                 tick: Tick | None = None, tick_s: float = 10.0) -> list[Observation]:
     """Submit ``trace`` on schedule and wait up to ``drain_timeout_s`` for every stream to
-    end; what has not ended by then stays unfinished."""
-    observations, followers = await submit_on_schedule(client, trace)
-    await asyncio.wait(followers, timeout=drain_timeout_s)
-    for follower in followers:
-        follower.cancel()
+    end; what has not ended by then stays unfinished. ``tick`` is shown the observations
+    so far every ``tick_s`` seconds, for progress."""
+    observations: list[Observation] = []
+    ticking = asyncio.create_task(_tick(tick, observations, tick_s)) if tick else None
+    try:
+        followers = await submit_on_schedule(client, trace, observations)
+        await asyncio.wait(followers, timeout=drain_timeout_s)
+        for follower in followers:
+            follower.cancel()
+    finally:
+        if ticking is not None:
+            ticking.cancel()
+            with suppress(asyncio.CancelledError):
+                await ticking
     return observations
 
 
-async def submit_on_schedule(client: StreamprocClient, trace: list[Arrival]
-                             ) -> tuple[list[Observation], list[asyncio.Task[None]]]:
-    """Submit each arrival at its time; each follower fills its observation in place,
-    so a request that never finishes still counts (as lost)."""
+async def _tick(tick: Tick, observations: list[Observation], every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        tick(observations)
+
+
+async def submit_on_schedule(client: StreamprocClient, trace: list[Arrival],
+                             observations: list[Observation]) -> list[asyncio.Task[None]]:
+    """Submit each arrival at its time, appending its observation to ``observations``;
+    each follower fills its observation in place, so a request that never finishes still
+    counts (as lost)."""
     start = time.monotonic()
-    observations: list[Observation] = []
     followers: list[asyncio.Task[None]] = []
     params_by_tokens: dict[int, wire.GenerationParams] = {}
     for arrival in trace:
@@ -44,7 +63,7 @@ async def submit_on_schedule(client: StreamprocClient, trace: list[Arrival]
         stream = await client.submit(arrival.prompt, params=params)
         observations.append(observation)
         followers.append(asyncio.create_task(follow(stream, observation)))
-    return observations, followers
+    return followers
 
 
 async def follow(stream: ResultStream, observation: Observation) -> None:

@@ -44,4 +44,6 @@ def summarize(observations: list[Observation], ttft_target_s: float,
         "itl_p99_ms": percentile(itl, 99) * ms,
         "e2e_p99_ms": percentile(e2e, 99) * ms,
         "within_targets": len(within) / len(done) if done else 0.0,
+        # Goodput: tokens/s of the requests that met both their targets.
+        "goodput_tokens_per_s": sum(o.tokens for o in within) / span if span else 0.0,
     }

@@ -13,20 +13,20 @@ median over the rounds is the figure the target reads.
 
 from __future__ import annotations
 
-import asyncio
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from streamproc.bench.load import replay
 from streamproc.bench.measure import Observation, summarize
+from streamproc.bench.offload import off_loop
 from streamproc.bench.peers import offline_ceiling
 from streamproc.bench.trace import Arrival
 from streamproc.client import StreamprocClient
 from streamproc.engine.loader import LoadedModel
 
-CEILING_BATCHES = 4
-"""Batches of the best size per ceiling run: about as long as a saturation wave takes."""
+Progress = Callable[[str], None]
 
 
 def wave_ratios(ceilings: list[float], waves: list[float]) -> list[float]:
@@ -56,6 +56,10 @@ class PairedCeiling:
     batch_sizes: tuple[int, ...]
     rounds: int
     drain_timeout_s: float
+    sweep_batches: int = 2
+    """Full batches per batch size in the sweep."""
+    paired_batches: int = 4
+    """Full batches of the best size per ceiling run: about as long as a wave takes."""
     sweep: dict[str, float] = field(default_factory=dict)
     ceilings: list[float] = field(default_factory=list)
     waves: list[list[Observation]] = field(default_factory=list)
@@ -65,22 +69,30 @@ class PairedCeiling:
         """The sweep's best batch size, at which the ceiling is measured between waves."""
         return best_batch_size(self.sweep)
 
-    async def sweep_sizes(self) -> None:
-        self.sweep = await asyncio.to_thread(offline_ceiling, self.loaded, self.prompts,
-                                             self.new_tokens, self.batch_sizes)
+    async def sweep_sizes(self, progress: Progress = lambda _: None) -> None:
+        for size in self.batch_sizes:  # one at a time, to say how far it has got
+            self.sweep.update(await off_loop(offline_ceiling, self.loaded, self.prompts,
+                                             self.new_tokens, (size,),
+                                             batches=self.sweep_batches))
+            progress(f"offline ceiling: batch size {size}: "
+                     f"{self.sweep[str(size)]:.1f} tokens/s")
 
-    async def measure(self, client: StreamprocClient) -> None:
+    async def measure(self, client: StreamprocClient,
+                      progress: Progress = lambda _: None) -> None:
         """The rounds, after :meth:`sweep_sizes`: ceiling, wave, ceiling, ..., ceiling."""
         wave = [replace(a, at_s=0.0) for a in self.wave]
         self.ceilings.append(await self._ceiling())
-        for _ in range(self.rounds):
+        for round_ in range(1, self.rounds + 1):
             self.waves.append(await replay(client, wave, self.drain_timeout_s))
             self.ceilings.append(await self._ceiling())
+            progress(f"paired round {round_}/{self.rounds}: ceiling "
+                     f"{self.ceilings[-2]:.1f} and {self.ceilings[-1]:.1f} tokens/s around "
+                     f"a wave of {summarize(self.waves[-1], 1, 1)['tokens_per_s']:.1f}")
 
     async def _ceiling(self) -> float:
-        rates = await asyncio.to_thread(offline_ceiling, self.loaded, self.prompts,
-                                        self.new_tokens, (self.batch_size,),
-                                        batches=CEILING_BATCHES)
+        rates = await off_loop(offline_ceiling, self.loaded, self.prompts,
+                               self.new_tokens, (self.batch_size,),
+                               batches=self.paired_batches)
         return rates[str(self.batch_size)]
 
     def report(self, ttft_target_s: float, itl_target_s: float) -> dict[str, Any]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,21 +25,30 @@ from streamproc import topics
 from streamproc.bench.load import replay
 from streamproc.bench.long_prompts import LONG_PROMPT, ROUNDS, RUNNING, compare_chunk_sizes
 from streamproc.bench.measure import Observation, summarize
+from streamproc.bench.offload import off_loop
 from streamproc.bench.paired import PairedCeiling
 from streamproc.bench.peers import offline_ceiling, offline_engine
 from streamproc.bench.serve import READY, Peer, PeerSpec
-from streamproc.bench.trace import Arrival, TraceSettings, build
+from streamproc.bench.targets import long_prompt_ratios, targets
+from streamproc.bench.trace import Arrival, TraceSettings, build, real_model_trace, rendered
 from streamproc.client import StreamprocClient
 from streamproc.config import TopicNames, WorkerConfig
 from streamproc.engine.loader import LoadedModel
 from streamproc.engine.threads import serving_threads, usable_cores
 from streamproc.metrics.stats import percentile
+from streamproc.metrics.trace import as_columns, read_trace
 
 Progress = Callable[[str], None]
 AfterTrace = Callable[[StreamprocClient], Awaitable[None]]
 """Run against a peer that has served the trace, before it stops, with the trace's client."""
-PEERS = ("naive", "fixed_window", "streamproc")
+PEERS = ("naive", "fixed_window", "streamproc", "streamproc_throughput")
+"""``streamproc`` runs under the inter-token target (latency mode), ``streamproc_throughput``
+with none (throughput mode)."""
+PAIRED_PEER = "streamproc_throughput"
+"""The peer the paired rounds run against, after its trace."""
 PEER_START_TIMEOUT_S = 120.0
+TICK_S = 10.0
+"""How often a replay says how far it has got."""
 SMALL_CHUNK = 128
 """Beside the default chunk size, a small one, for how far chunks smooth the steps."""
 SAMPLED = (0.8, 0.95)
@@ -57,60 +68,98 @@ class BenchSettings:
     paired_rounds: int = 3
     """Saturation waves through streamproc after the trace, each between two ceiling runs
     (:mod:`streamproc.bench.paired`); 0: none, the target reads the trace's wave."""
+    ceiling_batches: int = 2
+    """Full batches per batch size in the ceiling's sweep."""
+    paired_ceiling_batches: int = 4
+    """Full batches of the best size per ceiling run between paired waves: about as long
+    as a wave takes."""
+    extras: bool = True
+    """Also the engine alone sampled and on the worker's threads, and long prompts."""
 
     @property
     def ceiling_batch_sizes(self) -> tuple[int, ...]:
-        return tuple(s for s in (8, 16, 32, 64, 128, 256) if s <= self.max_batch_size)
+        return tuple(s for s in (1, 8, 16, 32, 64, 128, 256) if s <= self.max_batch_size)
+
+
+def real_model_settings(trace: TraceSettings | None = None) -> BenchSettings:
+    """Sized for a real model on a 2-core CPU (SmolLM2-135M: a decode step of about 60 ms
+    at one row, 300 ms at 64): the whole run in under 10 minutes. The inter-token target,
+    150 ms, is one the fixed window misses here once its batch fills (about 210 ms a step
+    at 32 rows)."""
+    return BenchSettings(trace=trace or real_model_trace(), ttft_target_s=2.0,
+                         itl_target_s=0.15, max_batch_size=64, drain_timeout_s=300.0,
+                         paired_rounds=2, ceiling_batches=1, paired_ceiling_batches=1,
+                         extras=False)
 
 
 async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,
                     settings: BenchSettings, progress: Progress) -> dict[str, Any]:
     trace = build(settings.trace)
+    if settings.trace.chat:
+        trace = rendered(trace, loaded.tokenizer)
     progress(f"trace: {len(trace)} requests, {settings.trace.max_new_tokens} tokens each")
     prompts = [a.prompt for a in trace[:64]]
     paired = _paired_ceiling(loaded, prompts, trace, settings)
     pairing = _announced(paired, progress) if settings.paired_rounds > 0 else None
-    observations = await replay_peers(bootstrap, model_dir, trace, settings, progress,
-                                      after_streamproc=pairing)
+    with tempfile.TemporaryDirectory(prefix="streamproc-bench-") as traces:
+        observations = await replay_peers(bootstrap, model_dir, trace, settings, progress,
+                                          after_paired_peer=pairing, trace_dir=Path(traces))
+        controller = {name: as_columns(read_trace(Path(traces) / f"{name}.jsonl"))
+                      for name in PEERS if name.startswith("streamproc")}
     runs: dict[str, Any] = {name: _summaries(o, settings) for name, o in observations.items()}
     runs.update(await _offline_runs(loaded, prompts, settings, progress, paired.sweep))
-    long_prompts = await _long_prompt_runs(loaded, progress)
     pairs = paired.report(settings.ttft_target_s, settings.itl_target_s)
-    targets = _targets(runs, settings, pairs)
-    targets["ratios"].update(_long_prompt_ratios(long_prompts))
-    return {"runs": runs, "targets": targets, "long_prompts": long_prompts, "paired": pairs,
+    report = targets(runs, settings.itl_target_s * 1000, pairs)
+    long_prompts = await _long_prompt_runs(loaded, progress) if settings.extras else {}
+    if long_prompts:
+        report["ratios"].update(long_prompt_ratios(long_prompts))
+    return {"model": describe(loaded, model_dir), "runs": runs, "targets": report,
+            "long_prompts": long_prompts, "paired": pairs,
             "settings": {"trace": settings.trace.__dict__, "ttft_target_ms":
                          settings.ttft_target_s * 1000, "itl_target_ms":
-                         settings.itl_target_s * 1000},
-            "timelines": {n: _timeline(o) for n, o in observations.items()}}
+                         settings.itl_target_s * 1000, "max_batch_size":
+                         settings.max_batch_size, "fixed_batch": settings.fixed_batch,
+                         "fixed_window_ms": settings.fixed_window_s * 1000},
+            "timelines": {n: _timeline(o) for n, o in observations.items()},
+            "controller": controller}
+
+
+def describe(loaded: LoadedModel, model_dir: str) -> dict[str, Any]:
+    """What the report says of the model: where it came from, its size, how it ran."""
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    return {"name": model_dir, "parameters": parameters, "dtype": str(loaded.dtype),
+            "device": str(loaded.device)}
 
 
 def _paired_ceiling(loaded: LoadedModel, prompts: list[str], trace: list[Arrival],
                     settings: BenchSettings) -> PairedCeiling:
     return PairedCeiling(loaded, prompts, [a for a in trace if a.phase == "saturation"],
                          settings.trace.max_new_tokens, settings.ceiling_batch_sizes,
-                         settings.paired_rounds, settings.drain_timeout_s)
+                         settings.paired_rounds, settings.drain_timeout_s,
+                         sweep_batches=settings.ceiling_batches,
+                         paired_batches=settings.paired_ceiling_batches)
 
 
 def _announced(paired: PairedCeiling, progress: Progress) -> AfterTrace:
     async def measure(client: StreamprocClient) -> None:
         progress(f"offline ceiling: generate() alone at batch sizes "
                  f"{', '.join(map(str, paired.batch_sizes))}")
-        await paired.sweep_sizes()
-        progress(f"[streamproc] {paired.rounds} more saturation waves of "
+        await paired.sweep_sizes(progress)
+        progress(f"[{PAIRED_PEER}] {paired.rounds} more saturation waves of "
                  f"{len(paired.wave)}, each between two runs of generate() at batch size "
                  f"{paired.batch_size}")
-        await paired.measure(client)
+        await paired.measure(client, progress)
     return measure
 
 
 async def replay_peers(bootstrap: str, model_dir: str, trace: list[Arrival],
                        settings: BenchSettings, progress: Progress, *,
-                       after_streamproc: AfterTrace | None = None
-                       ) -> dict[str, list[Observation]]:
+                       after_paired_peer: AfterTrace | None = None,
+                       trace_dir: Path | None = None) -> dict[str, list[Observation]]:
     """Each peer in turn, in a process of its own and on fresh topics, serving ``trace``:
-    every request as the client saw it. ``after_streamproc`` runs once streamproc has
-    served the trace, before it stops."""
+    every request as the client saw it. ``after_paired_peer`` runs once
+    :data:`PAIRED_PEER` has served the trace, before it stops; with ``trace_dir``,
+    streamproc's peers write their step traces there (``NAME.jsonl``)."""
     observations: dict[str, list[Observation]] = {}
     for name in PEERS:
         # What the bench process holds so far (the model, earlier runs' observations) leaves
@@ -119,8 +168,9 @@ async def replay_peers(bootstrap: str, model_dir: str, trace: list[Arrival],
         gc.collect()
         gc.freeze()
         names = await _fresh_topics(bootstrap)
-        peer = _make_peer(name, bootstrap, names, model_dir, settings)
-        after = after_streamproc if name == "streamproc" else None
+        trace_file = str(trace_dir / f"{name}.jsonl") if trace_dir else ""
+        peer = _make_peer(name, bootstrap, names, model_dir, settings, trace_file)
+        after = after_paired_peer if name == PAIRED_PEER else None
         observations[name] = await _replay(name, peer, bootstrap, names, trace, settings,
                                            progress, after)
     return observations
@@ -134,21 +184,23 @@ async def _offline_runs(loaded: LoadedModel, prompts: list[str], settings: Bench
     new_tokens, batch = settings.trace.max_new_tokens, settings.max_batch_size
     if not sweep:
         progress("offline ceiling: generate() alone at several batch sizes")
-        sweep = await asyncio.to_thread(offline_ceiling, loaded, prompts, new_tokens,
-                                        settings.ceiling_batch_sizes)
+        sweep = await off_loop(offline_ceiling, loaded, prompts, new_tokens,
+                               settings.ceiling_batch_sizes, batches=settings.ceiling_batches)
     runs["offline_ceiling"] = _ceiling_run(sweep)
     progress("offline engine: streamproc's engine alone, no Kafka")
-    engine_rate = await asyncio.to_thread(offline_engine, loaded, prompts, new_tokens, batch)
+    engine_rate = await off_loop(offline_engine, loaded, prompts, new_tokens, batch)
     runs["offline_engine"] = _ceiling_run({str(batch): engine_rate})
+    if not settings.extras:
+        return runs
     progress(f"offline engine sampling (temperature {SAMPLED[0]:g}, top-p {SAMPLED[1]:g})")
-    sampled_rate = await asyncio.to_thread(offline_engine, loaded, prompts, new_tokens, batch,
-                                           temperature=SAMPLED[0], top_p=SAMPLED[1])
+    sampled_rate = await off_loop(offline_engine, loaded, prompts, new_tokens, batch,
+                                  temperature=SAMPLED[0], top_p=SAMPLED[1])
     runs["offline_engine_sampled"] = _ceiling_run({str(batch): sampled_rate})
     threads = serving_threads(0, usable_cores())
     if loaded.device.type == "cpu" and threads != torch.get_num_threads():
         progress(f"offline engine on {threads} CPU thread(s), as a worker here serves")
-        served_rate = await asyncio.to_thread(offline_engine, loaded, prompts, new_tokens,
-                                              batch, threads)
+        served_rate = await off_loop(offline_engine, loaded, prompts, new_tokens,
+                                     batch, threads)
         runs["offline_engine_worker_threads"] = _ceiling_run({str(batch): served_rate})
     return runs
 
@@ -159,21 +211,7 @@ async def _long_prompt_runs(loaded: LoadedModel, progress: Progress) -> dict[str
     sizes = (0, WorkerConfig().prefill_chunk_tokens, SMALL_CHUNK)
     progress(f"long prompts: {LONG_PROMPT} tokens joining {RUNNING} running, prefilled whole "
              f"and in chunks of {sizes[1]} and {sizes[2]}, {ROUNDS} rounds")
-    return await asyncio.to_thread(compare_chunk_sizes, loaded, sizes)
-
-
-def _long_prompt_ratios(runs: dict[str, Any]) -> dict[str, float]:
-    """Each chunked run's longest step per long prompt (median) and tokens/s against the
-    whole-prompt run's."""
-    whole = runs["whole"]
-    ratios = {}
-    for label, run in runs.items():
-        if label != "whole":
-            ratios[f"long_prompt_spike_{label}_vs_whole"] = (
-                run["long_prompt_step_p50_ms"] / max(whole["long_prompt_step_p50_ms"], 1e-9))
-            ratios[f"long_prompt_rate_{label}_vs_whole"] = (
-                run["tokens_per_s"] / max(whole["tokens_per_s"], 1e-9))
-    return ratios
+    return await off_loop(compare_chunk_sizes, loaded, sizes)
 
 
 class PeerProcess:
@@ -207,10 +245,12 @@ class PeerProcess:
 
 
 def _make_peer(name: str, bootstrap: str, names: TopicNames, model_dir: str,
-               settings: BenchSettings) -> Peer:
+               settings: BenchSettings, trace_file: str = "") -> Peer:
+    itl_target_s = 0.0 if name == "streamproc_throughput" else settings.itl_target_s
     return PeerProcess(PeerSpec(name, bootstrap, names, model_dir, settings.ttft_target_s,
-                                settings.itl_target_s, settings.fixed_window_s,
-                                settings.fixed_batch, settings.max_batch_size))
+                                itl_target_s, settings.fixed_window_s, settings.fixed_batch,
+                                settings.max_batch_size,
+                                trace_file if name.startswith("streamproc") else ""))
 
 
 async def _fresh_topics(bootstrap: str) -> TopicNames:
@@ -230,7 +270,9 @@ async def _replay(name: str, peer: Peer, bootstrap: str, names: TopicNames,
                                     reply_topic=names.responses) as client:
             progress(f"[{name}] replaying {len(trace)} requests")
             started = time.monotonic()
-            observations = await replay(client, trace, settings.drain_timeout_s)
+            observations = await replay(client, trace, settings.drain_timeout_s,
+                                        tick=_ticker(name, len(trace), started, progress),
+                                        tick_s=TICK_S)
             finished = sum(o.finished is not None for o in observations)
             progress(f"[{name}] {finished}/{len(trace)} completed in "
                      f"{time.monotonic() - started:.1f}s")
@@ -241,6 +283,17 @@ async def _replay(name: str, peer: Peer, bootstrap: str, names: TopicNames,
         await peer.stop()
 
 
+def _ticker(name: str, total: int, started: float,
+            progress: Progress) -> Callable[[list[Observation]], None]:
+    """Says, every :data:`TICK_S`, how many of the trace's requests have been submitted and
+    completed."""
+    def tick(observations: list[Observation]) -> None:
+        done = sum(o.finished is not None for o in observations)
+        progress(f"[{name}] {time.monotonic() - started:.0f}s: {len(observations)}/{total} "
+                 f"submitted, {done} completed")
+    return tick
+
+
 def _summaries(observations: list[Observation], settings: BenchSettings) -> dict[str, Any]:
     def by(phases: Callable[[str], bool]) -> dict[str, Any]:
         return summarize([o for o in observations if phases(o.phase)], settings.ttft_target_s,
@@ -249,6 +302,7 @@ def _summaries(observations: list[Observation], settings: BenchSettings) -> dict
     run["steady"] = by(lambda p: p.startswith("steady"))
     run["burst"] = by(lambda p: p == "burst")
     run["saturation"] = by(lambda p: p == "saturation")
+    run["burst_and_wave"] = by(lambda p: p in ("burst", "saturation"))
     run["saturated_tokens_per_s"] = run["saturation"]["tokens_per_s"]
     run["phases"] = {p: by(p.__eq__) for p in sorted({o.phase for o in observations})}
     return run
@@ -274,63 +328,3 @@ def _timeline(observations: list[Observation]) -> list[list[float]]:
         rows.append([o.submitted - start, (o.first_token - o.submitted) * 1000,
                      percentile(o.gaps, 95) * 1000])
     return rows
-
-
-def _targets(runs: dict[str, Any], settings: BenchSettings,
-             paired: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The targets' ratios and whether each is met. ``paired``: the rounds of
-    :mod:`streamproc.bench.paired`, whose median ratio the throughput target reads when
-    there were any (else the trace's wave against the sweep's best)."""
-    ours, fixed, naive = runs["streamproc"], runs["fixed_window"], runs["naive"]
-    ceiling = runs["offline_ceiling"]["tokens_per_s"]
-    itl_limit = settings.itl_target_s * 1.2 * 1000
-    alone = {"engine_alone": "offline_engine",
-             "engine_alone_worker_threads": "offline_engine_worker_threads"}
-    trace_ratio = ours["saturated_tokens_per_s"] / ceiling if ceiling else 0.0
-    paired_ratio = paired["median_ratio"] if paired and paired["rounds"] else None
-    ratio = {
-        "throughput_vs_ceiling": trace_ratio if paired_ratio is None else paired_ratio,
-        "throughput_vs_ceiling_trace": trace_ratio,
-        **{f"{key}_vs_ceiling": runs[run]["tokens_per_s"] / ceiling if ceiling else 0.0
-           for key, run in alone.items() if run in runs},
-        "throughput_vs_naive": (ours["saturated_tokens_per_s"]
-                                / max(naive["saturated_tokens_per_s"], 1e-9)),
-        "ttft_p99_vs_fixed_window": (ours["steady"]["ttft_p99_ms"]
-                                     / max(fixed["steady"]["ttft_p99_ms"], 1e-9)),
-        "burst_itl_p95_ms": ours["burst"]["itl_p95_ms"],
-        "fixed_window_burst_itl_p95_ms": fixed["burst"]["itl_p95_ms"],
-    }
-    ratio.update(_ttft_by_phase(ours, fixed))
-    if "offline_engine_sampled" in runs:  # what sampling costs the engine, against greedy
-        ratio["engine_sampled_vs_greedy"] = (runs["offline_engine_sampled"]["tokens_per_s"]
-                                             / max(runs["offline_engine"]["tokens_per_s"], 1e-9))
-    met = {
-        "throughput_vs_ceiling >= 0.85": ratio["throughput_vs_ceiling"] >= 0.85,
-        "throughput_vs_naive >= 10": ratio["throughput_vs_naive"] >= 10,
-        "ttft_p99_vs_fixed_window <= 1/3": ratio["ttft_p99_vs_fixed_window"] <= 1 / 3,
-        "burst itl p95 within 1.2x target (and fixed window not)":
-            ratio["burst_itl_p95_ms"] <= itl_limit < ratio["fixed_window_burst_itl_p95_ms"],
-        "nothing lost": (all(r["lost"] == 0 for r in runs.values())
-                         and (paired is None or paired["lost"] == 0)),
-    }
-    return {"ratios": ratio, "met": met}
-
-
-def _ttft_by_phase(ours: dict[str, Any], fixed: dict[str, Any]) -> dict[str, float]:
-    """TTFT p99 against the fixed window's, phase by phase (steady rates and the burst), and
-    the steady median: the target pools the steady phases, where a few slow requests decide
-    a p99, and these say at which load the gap holds and what a typical request sees."""
-    ratios = {"ttft_p50_vs_fixed_window": (ours["steady"]["ttft_p50_ms"]
-                                           / max(fixed["steady"]["ttft_p50_ms"], 1e-9))}
-    for phase in sorted(ours["phases"], key=_trace_order):
-        figures, theirs = ours["phases"][phase], fixed["phases"].get(phase)
-        if phase != "saturation" and theirs is not None:
-            ratios[f"ttft_p99_vs_fixed_window_{phase}"] = (
-                figures["ttft_p99_ms"] / max(theirs["ttft_p99_ms"], 1e-9))
-    return ratios
-
-
-def _trace_order(phase: str) -> tuple[int, float]:
-    """Steady phases by rate, then the rest (``steady_10`` sorts after ``steady_2``)."""
-    kind, _, rate = phase.partition("_")
-    return (0, float(rate)) if kind == "steady" else (1, 0.0)

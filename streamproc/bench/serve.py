@@ -33,7 +33,7 @@ class Peer(Protocol):
 
 class PeerSpec(msgspec.Struct, frozen=True):
     name: str
-    """naive, fixed_window or streamproc."""
+    """naive, fixed_window, or streamproc (any name starting with it)."""
     bootstrap: str
     topics: TopicNames
     model: str
@@ -42,6 +42,8 @@ class PeerSpec(msgspec.Struct, frozen=True):
     fixed_window_s: float
     fixed_batch: int
     max_batch_size: int
+    trace_file: str = ""
+    """streamproc's step trace (:mod:`streamproc.metrics.trace`); empty: none."""
 
 
 def make_peer(spec: PeerSpec, loaded: LoadedModel) -> Peer:
@@ -56,13 +58,14 @@ def make_peer(spec: PeerSpec, loaded: LoadedModel) -> Peer:
                           group_id=group, ttft_target_ms=spec.ttft_target_s * 1000,
                           itl_target_ms=spec.itl_target_s * 1000,
                           max_batch_size=spec.max_batch_size,
-                          max_inflight=max(512, spec.max_batch_size))
+                          max_inflight=max(512, spec.max_batch_size),
+                          trace_file=spec.trace_file)
     return Worker(config, loaded)
 
 
 async def serve(spec: PeerSpec) -> None:
     # streamproc's engine loads the weights in its own process, as a worker's does.
-    describe = spec.name == "streamproc"
+    describe = spec.name.startswith("streamproc")
     loaded = (describe_model if describe else load_model)(spec.model, "auto")
     peer = make_peer(spec, loaded)
     stop = asyncio.Event()

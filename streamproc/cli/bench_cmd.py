@@ -6,19 +6,22 @@ import argparse
 import json
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from streamproc.bench.run import BenchSettings, run_bench
+from streamproc.bench.run import BenchSettings, real_model_settings, run_bench
 from streamproc.bench.trace import TraceSettings
 from streamproc.cli.common import add_bootstrap, run
-from streamproc.cli.demo_cmd import local_broker, tiny_model
-from streamproc.config import bootstrap_from_env
+from streamproc.cli.demo_cmd import local_broker
+from streamproc.config import DEFAULT_MODEL, bootstrap_from_env
+from streamproc.engine import catalog
+from streamproc.engine.catalog import TINY
 from streamproc.engine.loader import load_model
 from streamproc.errors import ConfigError
 
-_TRACE = TraceSettings()
-_SETTINGS = BenchSettings()
+_TINY = BenchSettings()
+_REAL = real_model_settings()
 NAME_WIDTH = 30
 """Wide enough for every run name, with " (burst)" after the peers'."""
 COLUMNS = [("tokens_per_s", "tok/s"), ("saturated_tokens_per_s", "sat tok/s"),
@@ -31,50 +34,82 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="benchmark against naive and fixed-window peers",
                        description="Replay one arrival trace (steady Poisson phases, a 10x "
                        "burst, a saturation wave) through real Kafka against a naive worker, "
-                       "a fixed-window micro-batcher and streamproc, each in its own process, "
-                       "then measure offline generate() as the ceiling and streamproc's engine "
-                       "alone, both without Kafka. Writes a JSON report and a PNG chart.")
+                       "a fixed-window micro-batcher and streamproc in latency and in "
+                       "throughput mode, each in its own process, then measure offline "
+                       "generate() as the ceiling and streamproc's engine alone, both without "
+                       "Kafka. Writes a JSON report and a PNG chart. Options left out take "
+                       "the model's profile: sized for SmolLM2 on a 2-core CPU (under 10 "
+                       "minutes), or, with --model tiny, for the 2-layer random model.")
     add_bootstrap(p)
-    p.add_argument("--model", help="model (default: the tiny local model)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="catalog name, .gguf file, directory or hub id (%(default)s; tiny: "
+                   "the 2-layer random model, whose steps measure transport and batching "
+                   "overhead, with a trace of thousands of requests sized for it)")
     p.add_argument("--json", type=Path, default=Path("bench-report.json"),
                    help="where the JSON report goes (%(default)s)")
     p.add_argument("--png", type=Path, default=Path("bench-report.png"),
                    help="where the chart goes (%(default)s)")
-    p.add_argument("--rates", default=",".join(f"{r:g}" for r in _TRACE.rates),
-                   help="steady phases, requests/s (%(default)s)")
-    p.add_argument("--phase-seconds", type=float, default=_TRACE.phase_s,
-                   help="length of each steady phase (%(default)g)")
-    p.add_argument("--saturation", type=int, default=_TRACE.saturation_requests,
-                   help="requests in the last wave, all at once (%(default)s): enough that "
-                   "batches run full for a while, not just ramp up and down")
-    p.add_argument("--paired-rounds", type=int, default=_SETTINGS.paired_rounds,
-                   help="after the trace, saturation waves through streamproc taken in turns "
-                   "with generate() at its best batch size; the throughput target reads "
-                   "their median ratio (%(default)s; 0: the trace's wave against the sweep)")
-    p.add_argument("--max-new-tokens", type=int, default=_TRACE.max_new_tokens,
-                   help="tokens generated per request (%(default)s)")
-    p.add_argument("--ttft-target-ms", type=float, default=_SETTINGS.ttft_target_s * 1000,
-                   help="streamproc's time-to-first-token p95 target (%(default)g)")
-    p.add_argument("--itl-target-ms", type=float, default=_SETTINGS.itl_target_s * 1000,
-                   help="streamproc's inter-token p95 target (%(default)g)")
+    p.add_argument("--rates", help=f"steady phases, requests/s (real model: "
+                   f"{_rates(_REAL.trace)}; tiny: {_rates(_TINY.trace)})")
+    p.add_argument("--phase-seconds", type=float, help=f"length of each steady phase "
+                   f"({_REAL.trace.phase_s:g})")
+    p.add_argument("--saturation", type=int,
+                   help=f"requests in the last wave, all at once (real model: "
+                   f"{_REAL.trace.saturation_requests}; tiny: "
+                   f"{_TINY.trace.saturation_requests}): enough that batches run full for a "
+                   "while, not just ramp up and down")
+    p.add_argument("--paired-rounds", type=int,
+                   help="after the trace, saturation waves through streamproc in throughput "
+                   "mode taken in turns with generate() at its best batch size; the "
+                   f"throughput target reads their median ratio (real model: "
+                   f"{_REAL.paired_rounds}; tiny: {_TINY.paired_rounds}; 0: the trace's wave "
+                   "against the sweep)")
+    p.add_argument("--max-new-tokens", type=int, help=f"tokens generated per request (real "
+                   f"model: {_REAL.trace.max_new_tokens}; tiny: {_TINY.trace.max_new_tokens})")
+    p.add_argument("--ttft-target-ms", type=float, help=f"streamproc's time-to-first-token "
+                   f"p95 target (real model: {_REAL.ttft_target_s * 1000:g}; tiny: "
+                   f"{_TINY.ttft_target_s * 1000:g})")
+    p.add_argument("--itl-target-ms", type=float, help=f"latency mode's inter-token p95 "
+                   f"target (real model: {_REAL.itl_target_s * 1000:g}; tiny: "
+                   f"{_TINY.itl_target_s * 1000:g})")
+    p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=None,
+                   help="also the engine alone sampled and on the worker's threads, and "
+                   "900-token prompts joining a running batch (default with tiny only: on "
+                   "a real model on a small CPU they take longer than the rest together)")
     p.set_defaults(handler=_main)
 
 
-def _main(args: argparse.Namespace) -> int:
-    trace = TraceSettings(rates=tuple(float(r) for r in args.rates.split(",")),
-                          phase_s=args.phase_seconds, saturation_requests=args.saturation,
-                          max_new_tokens=args.max_new_tokens)
-    if args.paired_rounds < 0:
+def _rates(trace: TraceSettings) -> str:
+    return ",".join(f"{r:g}" for r in trace.rates)
+
+
+def settings_from(args: argparse.Namespace, tiny: bool) -> BenchSettings:
+    """The model's profile, with what the command line gives in its place."""
+    base = _TINY if tiny else _REAL
+    trace = replace(base.trace, **_given(
+        rates=args.rates and tuple(float(r) for r in args.rates.split(",")),
+        phase_s=args.phase_seconds, saturation_requests=args.saturation,
+        max_new_tokens=args.max_new_tokens))
+    if args.paired_rounds is not None and args.paired_rounds < 0:
         raise ConfigError(f"--paired-rounds must be >= 0, got {args.paired_rounds}")
-    settings = BenchSettings(trace=trace, ttft_target_s=args.ttft_target_ms / 1000,
-                             itl_target_s=args.itl_target_ms / 1000,
-                             paired_rounds=args.paired_rounds)
+    return replace(base, trace=trace, **_given(
+        ttft_target_s=args.ttft_target_ms and args.ttft_target_ms / 1000,
+        itl_target_s=args.itl_target_ms and args.itl_target_ms / 1000,
+        paired_rounds=args.paired_rounds, extras=args.extras))
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _main(args: argparse.Namespace) -> int:
+    settings = settings_from(args, args.model == TINY)
     with ExitStack() as cleanup:
-        address = args.bootstrap or bootstrap_from_env() or local_broker(cleanup)
-        model = args.model or tiny_model()
+        address = args.bootstrap or bootstrap_from_env() or local_broker(cleanup, _say)
+        model = catalog.resolve(args.model, progress=_say)
         loaded = load_model(model, "auto")
         report = run(run_bench(address, loaded, model, settings, _say))
-    report["device"] = str(loaded.device)
+    report["model"]["name"] = args.model
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     from streamproc.bench.chart import draw
     draw(report, args.png)
@@ -90,9 +125,11 @@ def _say(message: str) -> None:
 def table(report: dict[str, Any]) -> str:
     runs = report["runs"]
     head = f"{'':<{NAME_WIDTH}}" + "".join(f"{label:>11}" for _, label in COLUMNS)
-    lines = [head]
-    for name in ("naive", "fixed_window", "streamproc", "offline_ceiling", "offline_engine",
-                 "offline_engine_sampled", "offline_engine_worker_threads"):
+    lines = [_model_line(report["model"])] if "model" in report else []
+    lines.append(head)
+    for name in ("naive", "fixed_window", "streamproc", "streamproc_throughput",
+                 "offline_ceiling", "offline_engine", "offline_engine_sampled",
+                 "offline_engine_worker_threads"):
         if name not in runs:
             continue
         for suffix, figures in [("", runs[name]), (" (burst)", runs[name].get("burst"))]:
@@ -104,10 +141,15 @@ def table(report: dict[str, Any]) -> str:
     lines += _paired_lines(report.get("paired"))
     lines.append("")
     for key, value in report["targets"]["ratios"].items():
-        lines.append(f"{key:<40} {value:10.2f}")
+        lines.append(f"{key:<44} {value:10.2f}")
     for key, ok in report["targets"]["met"].items():
         lines.append(f"{'MET ' if ok else 'MISSED'} {key}")
     return "\n".join(lines)
+
+
+def _model_line(model: dict[str, Any]) -> str:
+    return (f"model {model['name']}: {model['parameters'] / 1e6:.1f}M parameters, "
+            f"{model['dtype'].removeprefix('torch.')} on {model['device']}")
 
 
 def _long_prompt_lines(runs: dict[str, Any]) -> list[str]:

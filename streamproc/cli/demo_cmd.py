@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -73,17 +74,20 @@ def _say(message: str) -> None:
     print(f"demo: {message}", file=sys.stderr, flush=True)
 
 
-def local_broker(cleanup: ExitStack) -> str:
+def local_broker(cleanup: ExitStack, say: Callable[[str], None] | None = None) -> str:
+    """A local broker for this command, stopped by ``cleanup``; ``say`` tells the user
+    (default: as the demo speaks)."""
+    say = say or _say
     state_dir = localkafka.cache_dir() / "local-kafka" / "demo"
-    _say("starting a local Kafka broker")
-    state = localkafka.start(state_dir, progress=_say)
-    cleanup.callback(_stop_broker, state_dir)
-    _say(f"broker ready at {state.bootstrap}")
+    say("starting a local Kafka broker")
+    state = localkafka.start(state_dir, progress=say)
+    cleanup.callback(_stop_broker, state_dir, say)
+    say(f"broker ready at {state.bootstrap}")
     return state.bootstrap
 
 
-def _stop_broker(state_dir: Path) -> None:
-    _say("stopping the local broker")
+def _stop_broker(state_dir: Path, say: Callable[[str], None]) -> None:
+    say("stopping the local broker")
     localkafka.stop(state_dir)
 
 
