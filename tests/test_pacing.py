@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from streamproc.config import WorkerConfig
-from streamproc.engine.threads import apply_serving_threads, serving_threads
+from streamproc.engine.threads import apply_serving_threads, serving_threads, usable_cores
 from streamproc.errors import ConfigError
 from streamproc.publish.publisher import ChunkPacing
 
@@ -29,6 +29,15 @@ def test_serving_threads_leave_a_core_to_io_unless_told() -> None:
     assert serving_threads(2, cores=2) == 2
     with pytest.raises(ConfigError):
         serving_threads(-1, cores=2)
+
+
+def test_throughput_mode_takes_every_core_and_a_latency_target_leaves_one() -> None:
+    cores = usable_cores()
+    assert WorkerConfig().torch_threads == 0  # the engine then leaves a core to I/O
+    assert serving_threads(WorkerConfig().torch_threads, cores) == max(1, cores - 1)
+    assert WorkerConfig(itl_target_ms=0).torch_threads == cores
+    assert WorkerConfig(itl_target_ms=0, cpu_threads=3).torch_threads == 3
+    assert WorkerConfig(cpu_threads=3).torch_threads == 3
 
 
 def test_serving_threads_size_torchs_pool_on_cpu_only() -> None:

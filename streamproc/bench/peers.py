@@ -53,8 +53,9 @@ BASELINE_LINGER_MS = 2
 
 class GeneratePeer:
     def __init__(self, bootstrap: str, topics: TopicNames, loaded: LoadedModel, group: str,
-                 *, batch_size: int, window_s: float) -> None:
+                 *, batch_size: int, window_s: float, cpu_threads: int = 0) -> None:
         self._topics = topics
+        self._cpu_threads = cpu_threads
         self._loaded = loaded
         self._batch_size = batch_size
         self._window_s = window_s
@@ -69,7 +70,7 @@ class GeneratePeer:
     async def start(self) -> None:
         # Under the worker's thread policy, as Worker.start applies it to itself, so no
         # peer loses to its own I/O competing with torch's kernel threads.
-        apply_serving_threads(self._loaded.device, 0)
+        apply_serving_threads(self._loaded.device, self._cpu_threads)
         await self._producer.start()
         await self._consumer.start()
         self._task = asyncio.create_task(self._serve())

@@ -75,6 +75,8 @@ class BenchSettings:
     as a wave takes."""
     extras: bool = True
     """Also the engine alone sampled and on the worker's threads, and long prompts."""
+    cpu_threads: int = 0
+    """torch's CPU threads in every peer (0: the worker's policy)."""
 
     @property
     def ceiling_batch_sizes(self) -> tuple[int, ...]:
@@ -119,9 +121,19 @@ async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,
                          settings.ttft_target_s * 1000, "itl_target_ms":
                          settings.itl_target_s * 1000, "max_batch_size":
                          settings.max_batch_size, "fixed_batch": settings.fixed_batch,
-                         "fixed_window_ms": settings.fixed_window_s * 1000},
+                         "fixed_window_ms": settings.fixed_window_s * 1000,
+                         "cpu_threads": {name: peer_threads(name, settings)
+                                         for name in PEERS}},
             "timelines": {n: _timeline(o) for n, o in observations.items()},
             "controller": controller}
+
+
+def peer_threads(name: str, settings: BenchSettings) -> int:
+    """The torch CPU threads a peer runs on (on a GPU they only drive it)."""
+    itl_target_ms = 0.0 if name == "streamproc_throughput" else settings.itl_target_s * 1000
+    requested = WorkerConfig(itl_target_ms=itl_target_ms,
+                             cpu_threads=settings.cpu_threads).torch_threads
+    return serving_threads(requested, usable_cores())
 
 
 def describe(loaded: LoadedModel, model_dir: str) -> dict[str, Any]:
@@ -250,7 +262,8 @@ def _make_peer(name: str, bootstrap: str, names: TopicNames, model_dir: str,
     return PeerProcess(PeerSpec(name, bootstrap, names, model_dir, settings.ttft_target_s,
                                 itl_target_s, settings.fixed_window_s, settings.fixed_batch,
                                 settings.max_batch_size,
-                                trace_file if name.startswith("streamproc") else ""))
+                                trace_file if name.startswith("streamproc") else "",
+                                settings.cpu_threads))
 
 
 async def _fresh_topics(bootstrap: str) -> TopicNames:

@@ -44,22 +44,25 @@ class PeerSpec(msgspec.Struct, frozen=True):
     max_batch_size: int
     trace_file: str = ""
     """streamproc's step trace (:mod:`streamproc.metrics.trace`); empty: none."""
+    cpu_threads: int = 0
+    """torch's CPU threads, every peer alike (0: the worker's policy)."""
 
 
 def make_peer(spec: PeerSpec, loaded: LoadedModel) -> Peer:
     group = f"bench-{spec.name}-{uuid.uuid4().hex[:6]}"
     if spec.name == "naive":
         return GeneratePeer(spec.bootstrap, spec.topics, loaded, group, batch_size=1,
-                            window_s=0.0)
+                            window_s=0.0, cpu_threads=spec.cpu_threads)
     if spec.name == "fixed_window":
         return GeneratePeer(spec.bootstrap, spec.topics, loaded, group,
-                            batch_size=spec.fixed_batch, window_s=spec.fixed_window_s)
+                            batch_size=spec.fixed_batch, window_s=spec.fixed_window_s,
+                            cpu_threads=spec.cpu_threads)
     config = WorkerConfig(bootstrap=spec.bootstrap, topics=spec.topics, model=spec.model,
                           group_id=group, ttft_target_ms=spec.ttft_target_s * 1000,
                           itl_target_ms=spec.itl_target_s * 1000,
                           max_batch_size=spec.max_batch_size,
                           max_inflight=max(512, spec.max_batch_size),
-                          trace_file=spec.trace_file)
+                          trace_file=spec.trace_file, cpu_threads=spec.cpu_threads)
     return Worker(config, loaded)
 
 

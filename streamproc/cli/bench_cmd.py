@@ -72,6 +72,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--itl-target-ms", type=float, help=f"latency mode's inter-token p95 "
                    f"target (real model: {_REAL.itl_target_s * 1000:g}; tiny: "
                    f"{_TINY.itl_target_s * 1000:g})")
+    p.add_argument("--cpu-threads", type=int, default=0,
+                   help="torch's CPU threads in every peer alike (%(default)s: the worker's "
+                   "own policy)")
     p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=None,
                    help="also the engine alone sampled and on the worker's threads, and "
                    "900-token prompts joining a running batch (default with tiny only: on "
@@ -95,7 +98,7 @@ def settings_from(args: argparse.Namespace, tiny: bool) -> BenchSettings:
     return replace(base, trace=trace, **_given(
         ttft_target_s=args.ttft_target_ms and args.ttft_target_ms / 1000,
         itl_target_s=args.itl_target_ms and args.itl_target_ms / 1000,
-        paired_rounds=args.paired_rounds, extras=args.extras))
+        paired_rounds=args.paired_rounds, extras=args.extras, cpu_threads=args.cpu_threads))
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -126,6 +129,8 @@ def table(report: dict[str, Any]) -> str:
     runs = report["runs"]
     head = f"{'':<{NAME_WIDTH}}" + "".join(f"{label:>11}" for _, label in COLUMNS)
     lines = [_model_line(report["model"])] if "model" in report else []
+    if "cpu_threads" in report.get("settings", {}):
+        lines.append(_threads_line(report["settings"]["cpu_threads"]))
     lines.append(head)
     for name in ("naive", "fixed_window", "streamproc", "streamproc_throughput",
                  "offline_ceiling", "offline_engine", "offline_engine_sampled",
@@ -150,6 +155,10 @@ def table(report: dict[str, Any]) -> str:
 def _model_line(model: dict[str, Any]) -> str:
     return (f"model {model['name']}: {model['parameters'] / 1e6:.1f}M parameters, "
             f"{model['dtype'].removeprefix('torch.')} on {model['device']}")
+
+
+def _threads_line(threads: dict[str, int]) -> str:
+    return "torch CPU threads: " + ", ".join(f"{name} {n}" for name, n in threads.items())
 
 
 def _long_prompt_lines(runs: dict[str, Any]) -> list[str]:

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help=_help("default: {}", "device"))
     p.add_argument("--cpu-threads", type=int, help=_help(
-        "on CPU, torch kernel threads (default {}: one less than the cores)", "cpu_threads"))
+        "on CPU, torch kernel threads (default {}: one less than the cores, or every core "
+        "with --itl-target-ms 0)", "cpu_threads"))
     p.add_argument("--group", dest="group_id",
                    help=_help("consumer group (default: {})", "group_id"))
     p.add_argument("--topics-dir", type=Path, help="topic declarations (default: ./topics)")

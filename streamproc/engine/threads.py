@@ -12,10 +12,12 @@ its I/O by default.
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from streamproc.errors import ConfigError
+
+if TYPE_CHECKING:  # torch itself only where a pool is sized: configs import this too
+    import torch
 
 
 def usable_cores() -> int:
@@ -38,6 +40,8 @@ def apply_serving_threads(device: torch.device, requested: int) -> int | None:
     (where kernels run on the device and torch's CPU pool is left as it is)."""
     if device.type != "cpu":
         return None
+    import torch
+
     threads = serving_threads(requested, usable_cores())
     torch.set_num_threads(threads)
     return threads

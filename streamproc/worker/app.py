@@ -101,7 +101,7 @@ class Worker:
 
     async def start(self) -> None:
         if not self.config.engine_process:  # else the engine's process sizes its own pool
-            threads = apply_serving_threads(self._device, self.config.cpu_threads)
+            threads = apply_serving_threads(self._device, self.config.torch_threads)
             if threads is not None:
                 log.info("torch uses %d CPU thread(s) of %d usable cores", threads,
                          usable_cores())
@@ -321,7 +321,7 @@ def _engine_runner(config: WorkerConfig, loaded: LoadedModel) -> EngineRunner:
     if config.engine_process:
         return EngineProcess(EngineSpec(config.model,
                                         config.device, config.allow_unsafe_weights,
-                                        config.prefill_chunk_tokens, config.cpu_threads))
+                                        config.prefill_chunk_tokens, config.torch_threads))
     if loaded.model is None:
         raise ConfigError("engine_process is off, but the model was only described "
                           "(describe_model): load it with load_model")
