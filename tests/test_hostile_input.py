@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from streamproc import kafka, topics, wire
 from streamproc.config import TopicNames, WorkerConfig
 
+from . import processes
 from .processes import WorkerProcess, write_topics_file
 
 pytestmark = [
@@ -84,7 +85,7 @@ def answered_by_id(payload: bytes) -> str | None:
         return None
     try:
         decoded = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     rid = decoded.get("request_id") if isinstance(decoded, dict) else None
     return rid if isinstance(rid, str) and 1 <= len(rid) <= 256 else None
@@ -100,6 +101,7 @@ class Harness:
         self._thread.start()
         self.answers: dict[str, wire.ResponseMessage] = {}
         self.letters: list[bytes] = []
+        self.letter_records: list[bytes] = []
         self.call(self._start())
 
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 120) -> T:
@@ -126,7 +128,9 @@ class Harness:
         deadline = time.monotonic() + 60
         while not (due_ids <= self.answers.keys()
                    and all(p in self.letters for p in due_letters)):
-            assert time.monotonic() < deadline, "a hostile case went unanswered"
+            assert time.monotonic() < deadline, (
+                "unanswered: ids " + repr(sorted(due_ids - self.answers.keys()))
+                + ", letters " + repr([p[:80] for p in due_letters if p not in self.letters]))
             await self._read()
 
     async def _read(self) -> None:
@@ -139,6 +143,7 @@ class Harness:
                     self.answers[message.request_id] = message
         for records in (await dead.getmany(timeout_ms=10)).values():
             self.letters += [wire.dead_letter_decoder.decode(r.value).original for r in records]
+            self.letter_records += [r.value for r in records]
 
     def stop(self) -> None:
         async def close() -> None:
@@ -166,11 +171,16 @@ def harness(bootstrap: str, tiny_model_dir: Path,
                            env={"STREAMPROC_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES)})
     running = Harness(config)
     running.call(worker.start())
-    yield running
-    assert worker.process is not None
-    assert worker.process.returncode is None, "the worker died"
-    running.call(worker.terminate())
-    running.stop()
+    # The module's tests share this worker: the per-test cleanup must not kill it.
+    processes.RUNNING.remove(worker)
+    try:
+        yield running
+        assert worker.process is not None
+        assert worker.process.returncode is None, "the worker died"
+        running.call(worker.terminate())
+    finally:
+        worker.kill()
+        running.stop()
     assert handled["cases"] >= 10_000
 
 
@@ -196,3 +206,47 @@ def test_hostile_messages_are_dead_lettered_or_answered(
             if isinstance(reply, wire.ErrorMessage):
                 assert reply.code
     handled["cases"] += len(payloads)
+
+
+def nested(depth: int, inner: str = "1") -> str:
+    return "[" * depth + inner + "]" * depth
+
+
+def named_poison() -> list[bytes]:
+    """Shapes a generator does not reach: JSON nested 3,000 deep (about 6 kB) in every
+    field, at the top and as a chat message's content; lone surrogates; NUL bytes; numbers
+    past a float's range; a chat of 1,500 messages."""
+    rid = f"poison-{uuid.uuid4().hex[:6]}"
+    deep = nested(3000)
+    fields = [f'{{"request_id":"{rid}-p","prompt":{deep}}}',
+              f'{{"request_id":{deep},"prompt":"hi"}}',
+              f'{{"request_id":"{rid}-params","prompt":"hi","params":{deep}}}',
+              f'{{"request_id":"{rid}-stop","prompt":"hi","params":{{"stop":{deep}}}}}',
+              f'{{"request_id":"{rid}-extra","prompt":"hi","extra":{deep}}}',
+              f'{{"request_id":"{rid}-chat","prompt":[{{"role":"user","content":{deep}}}]}}',
+              deep, "{" + '"a":{' * 2000 + "}" * 2001]
+    odd = [f'{{"request_id":"{rid}-sur","prompt":"a\\ud800b"}}',
+           f'{{"request_id":"{rid}\\udfff","prompt":"hi"}}',
+           f'{{"request_id":"{rid}-nul","prompt":"a\\u0000b\\u0000"}}',
+           f'{{"request_id":"{rid}-big","prompt":"hi","params":{{"temperature":1e999}}}}',
+           f'{{"request_id":"{rid}-int","prompt":"hi","params":{{"max_new_tokens":1e400}}}}',
+           f'{{"request_id":"{rid}-neg","prompt":"hi","deadline":-1e999,"priority":1e999}}']
+    chat = json.dumps({"request_id": f"{rid}-long-chat",
+                       "prompt": [{"role": "user", "content": "hi"}] * 1500})
+    return [text.encode() for text in [*fields, *odd, chat]]
+
+
+def test_named_poison_is_dead_lettered_or_answered_and_the_worker_goes_on(
+        harness: Harness) -> None:
+    payloads = named_poison()
+    assert all(len(p) < MAX_MESSAGE_BYTES for p in payloads)
+    sentinel = wire.GenerationRequest(request_id=f"sentinel-{uuid.uuid4().hex}",
+                                      prompt="still serving?",
+                                      params=wire.GenerationParams(max_new_tokens=2))
+    # run() waits for a dead letter of each payload that names no decodable id, and an
+    # answer to each that does; the worker's survival is checked as the module ends.
+    harness.call(harness.run([*payloads, wire.encode(sentinel)]))
+    assert isinstance(harness.answers[sentinel.request_id], wire.FinalMessage)
+    reasons = {wire.dead_letter_decoder.decode(r).reason for r in harness.letter_records
+               if wire.dead_letter_decoder.decode(r).original in payloads}
+    assert "too_deep" in reasons

@@ -27,7 +27,7 @@ from streamproc.ingest.prepare import Preparer
 from streamproc.logs import record_context
 from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import Publisher
-from streamproc.wire import FinishReason
+from streamproc.wire import FinishReason, GenerationRequest
 
 log = logging.getLogger(__name__)
 POLL_TIMEOUT_MS = 200
@@ -143,6 +143,9 @@ class Ingest:
         except RequestError as exc:
             await self._reject(record, request.request_id, request.reply_topic, exc)
             return
+        except Exception as exc:  # a tokenizer or template failing on this one
+            await self._unprocessable(record, request, exc)
+            return
         self._stats.kafka_wait.observe(max(0.0, time.time() - prepared.origin_ts))
         job = Job(prepared, tp, record.offset, self._preparer.reply_topic(request))
         if request.request_id in self._cancelled:  # cancelled before it was read
@@ -178,6 +181,19 @@ class Ingest:
             error = RequestError("invalid_request", failure.detail)
             await self._reject(record, failure.envelope.request_id,
                                failure.envelope.reply_topic, error, dead_lettered=True)
+
+    async def _unprocessable(self, record: ConsumerRecord, request: GenerationRequest,
+                             exc: Exception) -> None:
+        """A request that decoded but whose preparation raised what no rule foresaw: kept
+        in the dead-letter topic for inspection, its producer told, the worker going on."""
+        detail = f"could not be prepared: {type(exc).__name__}: {exc}"
+        log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition,
+                    record.offset, detail, exc_info=exc,
+                    extra={**record_context(record.topic, record.partition, record.offset,
+                                            request.request_id), "code": "unprocessable"})
+        await self._publisher.dead_letter(record, "unprocessable", detail)
+        await self._reject(record, request.request_id, request.reply_topic,
+                           RequestError("invalid_request", detail), dead_lettered=True)
 
     async def _reject(self, record: ConsumerRecord, request_id: str, reply_topic: str,
                       exc: RequestError, *, dead_lettered: bool = False) -> None:

@@ -20,6 +20,8 @@ class Undecodable:
 
 
 def decode_request(value: bytes | None, max_bytes: int) -> wire.GenerationRequest | Undecodable:
+    """The request, or why not; never raises, whatever the bytes (one record must not stop
+    the worker that reads it, nor every worker that reads it after)."""
     if not value:
         return Undecodable("empty", "the record has no value")
     if len(value) > max_bytes:
@@ -30,10 +32,14 @@ def decode_request(value: bytes | None, max_bytes: int) -> wire.GenerationReques
         return Undecodable("invalid_schema", str(exc), _envelope(value))
     except msgspec.DecodeError as exc:
         return Undecodable("malformed_json", str(exc))
+    except RecursionError:  # msgspec recurses per nesting level; a few kB can nest too deep
+        return Undecodable("too_deep", "the JSON nests deeper than the decoder follows")
+    except Exception as exc:  # anything else about these bytes alone
+        return Undecodable("undecodable", f"{type(exc).__name__}: {exc}")
 
 
 def _envelope(value: bytes) -> wire.RequestEnvelope | None:
     try:
         return wire.envelope_decoder.decode(value)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except Exception:  # skipping a deep unknown value recurses too
         return None
