@@ -58,10 +58,15 @@ def loaded_model(tiny_model_dir: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def smollm2() -> LoadedModel:
-    """The real chat model, from the cache the suite shares with the demo (fetched and
-    converted on the first run on a machine, as the local broker is)."""
-    return load_model(catalog.resolve("smollm2-135m-instruct"), "cpu")
+def smollm2_dir() -> str:
+    """The real chat model's directory, from the cache the suite shares with the demo
+    (fetched and converted on the first run on a machine, as the local broker is)."""
+    return catalog.resolve("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir: str) -> LoadedModel:
+    return load_model(smollm2_dir, "cpu")
 
 
 @pytest.fixture(scope="session")

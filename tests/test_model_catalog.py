@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -75,13 +74,13 @@ def test_a_pull_killed_midway_leaves_nothing_usable_and_the_next_one_completes(
         tmp_path: Path) -> None:
     env = {**os.environ, "STREAMPROC_CACHE": str(tmp_path)}
     command = [sys.executable, "-m", "streamproc", "model", "pull", SMOL]
-    first = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    assert first.stderr is not None
-    for line in first.stderr:  # killed once it is converting: after the download
-        if "converting" in line:
-            break
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as first:
+        assert first.stderr is not None
+        for line in first.stderr:  # killed once it is converting: after the download
+            if "converting" in line:
+                break
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     entry = tmp_path / "models" / SMOL
     assert not entry.exists()
     assert partials(tmp_path)  # what the killed pull left: not mistaken for an entry
@@ -92,11 +91,10 @@ def test_a_pull_killed_midway_leaves_nothing_usable_and_the_next_one_completes(
     assert catalog.damaged(entry) is None
     assert partials(tmp_path) == []
 
-    started = time.monotonic()
     reused = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     assert reused.stdout.strip() == str(entry)
-    assert "downloading" not in reused.stderr
-    assert time.monotonic() - started < 20  # no conversion: the cached entry is used
+    assert "downloading" not in reused.stderr  # the cached entry is used as it is
+    assert "converting" not in reused.stderr
 
 
 @pytest.mark.model

@@ -49,10 +49,10 @@ def test_the_prompt_built_from_chat_messages_is_the_models_chat_template(
 
 
 async def test_greedy_chat_answers_through_kafka_equal_generate(
-        worker_config: WorkerConfig, smollm2: LoadedModel) -> None:
+        worker_config: WorkerConfig, smollm2_dir: str, smollm2: LoadedModel) -> None:
     """Whatever shares the batch: the answers arrive in two groups, the second joining a
     batch mid-decode; none carries the end-of-turn token."""
-    config = replace(worker_config, model="smollm2", engine_process=False)
+    config = replace(worker_config, model=smollm2_dir, engine_process=False)
     worker = Worker(config, smollm2)
     await worker.start()
     try:
@@ -74,14 +74,17 @@ async def test_greedy_chat_answers_through_kafka_equal_generate(
         assert "<|im_end|>" not in result.text
         assert result.usage.completion_tokens == len(expected)
         assert result.finish_reason == ("stop" if len(expected) < 24 else "length")
-    assert results[0].text == "1. Red\n2. Blue\n3. Green"  # a real answer, not noise
+    assert "Paris" in results[1].text  # a real answer, not noise
 
 
 def test_stop_strings_cut_real_text_before_the_stop(smollm2: LoadedModel) -> None:
     ids = chat_ids(smollm2, "Name three colors.")
     full = smollm2.tokenizer.decode(reference_tokens(smollm2, ids, 24),
                                     skip_special_tokens=True)
-    for stop in ("3.", "Blue", "\n"):
+    # Greedy, so the answer is fixed: "The most obvious color is white, but there are
+    # many more. Some examples include:\n\n- Red: ..."
+    for stop in ("white", "many more", "\n"):
+        assert stop in full, (stop, full)
         request = wire.GenerationRequest(
             request_id=stop, prompt="-", params=wire.GenerationParams(max_new_tokens=24,
                                                                       stop=[stop]))

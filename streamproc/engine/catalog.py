@@ -110,6 +110,10 @@ def pull(name: str, *, cache: Path | None = None, progress: Progress = log.info,
 def cached(directory: Path, build: Callable[[Path], None], *, source: str,
            progress: Progress) -> Path:
     """``directory`` if it holds a complete entry, else built by ``build(staging_dir)``."""
+    if directory.exists() and damaged(directory) is None:
+        # Whole entries are renamed into place complete, so no lock is needed to read one
+        # (and a read-only cache, such as a worker container's volume, takes none).
+        return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     with _locked(directory.parent / f".{directory.name}.lock"):
         damage = damaged(directory) if directory.exists() else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,7 +66,10 @@ def load_model(name: str, device: Device = "auto", *,
     """
     name, target, tokenizer = _device_and_tokenizer(name, device)
     dtype = pick_dtype(target)
-    with _load_errors(name):
+    pickled = not allow_unsafe_weights and any(Path(name).glob("*.bin"))
+    hint = ("; its weights are pickle-based (.bin), which can run code when read: "
+            "--allow-unsafe-weights loads them") if pickled else ""
+    with _load_errors(name, hint):
         model: Any = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, use_safetensors=None if allow_unsafe_weights else True,
             trust_remote_code=False)
@@ -108,14 +112,16 @@ def _device_and_tokenizer(name: str, device: Device) -> tuple[str, torch.device,
 
 
 @contextmanager
-def _load_errors(name: str) -> Iterator[None]:
-    """transformers' failures to find or read a model, as one line that says what to do."""
+def _load_errors(name: str, hint: str = "") -> Iterator[None]:
+    """transformers' failures to find or read a model, as one line that says what to do
+    (the catalog's names, when ``name`` is nowhere on disk)."""
     try:
         yield
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load model {name!r}: {first} (known names: "
-                         f"{', '.join(catalog.known_names())})") from exc
+        known = "" if Path(name).exists() else \
+            f" (known names: {', '.join(catalog.known_names())})"
+        raise ModelError(f"cannot load model {name!r}: {first}{hint}{known}") from exc
 
 
 def _max_context(config: Any, tokenizer: Any) -> int:
