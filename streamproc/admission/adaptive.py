@@ -125,6 +125,8 @@ class AdaptiveController:
         self._grown_at = float("-inf")
         self._now = 0.0
         """The last step's time: what the measured row costs' ages are taken against."""
+        self._cap_key: tuple[int, float, int, float] | None = None
+        self._cap = 0
         self._last_cap = self.running_cap
 
     @property
@@ -133,6 +135,13 @@ class AdaptiveController:
 
     @property
     def running_cap(self) -> int:
+        """Read several times a step: computed once per change of what it depends on."""
+        key = (self.costs.version, self.gain, self._bonus, self._now)
+        if key != self._cap_key:
+            self._cap_key, self._cap = key, self._running_cap()
+        return self._cap
+
+    def _running_cap(self) -> int:
         s = self.settings
         if s.itl_target_s <= 0:
             return s.running_max

@@ -139,6 +139,8 @@ class StepCosts:
     """Seconds to prefill T prompt tokens."""
     rows: RowCosts = field(default_factory=RowCosts)
     """Decode as each row count measured it."""
+    version: int = 0
+    """Counts the steps observed, so what is derived from the costs knows when to redo."""
 
     @classmethod
     def fresh(cls) -> StepCosts:
@@ -146,6 +148,7 @@ class StepCosts:
 
     def observe(self, decode_rows: int, decode_s: float, prefill_tokens: int,
                 prefill_s: float, now: float = 0.0) -> None:
+        self.version += 1
         if decode_rows and decode_s > 0:
             self.decode.observe(decode_rows, decode_s)
             self.rows.observe(decode_rows, decode_s, now)
