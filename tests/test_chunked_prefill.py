@@ -75,8 +75,8 @@ def test_a_long_prompt_cancelled_abandoned_or_expired_mid_prefill_leaves_at_once
                           params=GenerationParams(max_new_tokens=5)), [7] * 40, 5, time.time())
     assert engine.step([cancelled, abandoned, expiring]) == []
     assert engine.num_running == 3
-    [event] = engine.step([], abandon=frozenset({id(abandoned)}),
-                          cancel=frozenset({id(cancelled)}))
+    [event] = engine.step([], abandon=frozenset({abandoned.key}),
+                          cancel=frozenset({cancelled.key}))
     assert event.request_id == "c"
     assert event.outcome is not None
     assert event.outcome.finish_reason == "cancelled"

@@ -165,7 +165,7 @@ def test_cancelling_or_abandoning_a_row_mid_batch_leaves_the_others_exact(
     events: dict[str, list[TokenEvent]] = {}
     for event in engine.step(requests) + engine.step([]):
         events.setdefault(event.request_id, []).append(event)
-    cancel, abandon = frozenset({id(requests[0])}), frozenset({id(requests[1])})
+    cancel, abandon = frozenset({requests[0].key}), frozenset({requests[1].key})
     for event in engine.step([], abandon=abandon, cancel=cancel):
         events.setdefault(event.request_id, []).append(event)
     assert engine.num_running == 2

@@ -18,13 +18,12 @@ import pytest
 from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel, describe_model
 from streamproc.engine.sequence import PreparedRequest, TokenEvent
+from streamproc.errors import EngineError, EngineStepError
 from streamproc.wire import GenerationParams, GenerationRequest
 from streamproc.worker.engine_process import (
     PIPE_BYTES,
     EngineProcess,
-    EngineProcessError,
     EngineSpec,
-    EngineStepError,
     _widen,
 )
 from streamproc.worker.engine_thread import EngineThread
@@ -109,7 +108,7 @@ async def test_abandoned_requests_go_silently_and_cancelled_ones_end(
     runner.submit([gone, cut, kept], frozenset(), frozenset())
     first = await runner.next_result()
     assert isinstance(first, StepResult)
-    runner.submit([], frozenset({id(gone)}), frozenset({id(cut)}))
+    runner.submit([], frozenset({gone.key}), frozenset({cut.key}))
     events, _ = await collect(runner, {"cut", "kept"})
     for event in first.events:
         events.setdefault(event.request_id, []).insert(0, event)
@@ -131,10 +130,8 @@ async def test_a_failed_step_resets_and_serves_again_after_recover(
     runner.submit([prepared("bad", [vocab + 1000], 3), prepared("ok", [5], 30)], frozenset(),
                   frozenset())
     failed = await asyncio.wait_for(runner.next_result(), 30)
-    assert isinstance(failed, Exception)
-    if isinstance(runner, EngineProcess):
-        assert isinstance(failed, EngineStepError)
-        assert "IndexError" in str(failed)
+    assert isinstance(failed, EngineStepError)
+    assert "IndexError" in str(failed)
     # Posted before the loop saw the failure: dropped with the failed requests.
     runner.submit([prepared("stale", [5], 3)], frozenset(), frozenset())
     runner.recover()
@@ -157,7 +154,7 @@ async def test_the_engine_process_logs_in_the_workers_format(
         runner.stop()
     # Every line on stderr, the child's included (from loading the model on), is JSON.
     lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
-    failures = [line for line in lines if line["logger"] == "streamproc.worker.engine_process"
+    failures = [line for line in lines if line["logger"] == "streamproc.worker.runner"
                 and "exception" in line]
     assert len(failures) == 1
     assert "IndexError" in failures[0]["exception"]  # the traceback only the child had
@@ -171,9 +168,9 @@ async def test_a_dead_engine_process_is_an_error_not_a_hang(tiny_model_dir: Path
         await runner.next_result()
         assert runner.pid is not None
         os.kill(runner.pid, signal.SIGKILL)
-        with pytest.raises(EngineProcessError, match="ended while serving"):
+        with pytest.raises(EngineError, match="ended while serving"):
             await drain(runner)
-        with pytest.raises(EngineProcessError, match="ended while serving"):
+        with pytest.raises(EngineError, match="ended while serving"):
             runner.submit([prepared("late", [5], 2)], frozenset(), frozenset())
     finally:
         runner.stop()
@@ -212,7 +209,7 @@ async def test_an_embedding_script_needs_no_main_guard(tiny_model_dir: Path,
 
 async def test_an_engine_process_that_cannot_load_says_why(tmp_path: Path) -> None:
     runner = EngineProcess(spec(str(tmp_path / "no-such-model")))
-    with pytest.raises(EngineProcessError, match=r"did not start: .*no-such-model"):
+    with pytest.raises(EngineError, match=r"did not start: .*no-such-model"):
         await runner.start()
     runner.stop()
 

@@ -16,9 +16,9 @@ from streamproc import kafka, wire
 from streamproc.client import StreamprocClient
 from streamproc.config import WorkerConfig
 from streamproc.engine.loader import LoadedModel
-from streamproc.errors import GenerationError
+from streamproc.errors import EngineError, GenerationError
 from streamproc.worker.app import Worker
-from streamproc.worker.engine_process import EngineProcess, EngineProcessError
+from streamproc.worker.engine_process import EngineProcess
 
 from .helpers import read_topic, reference_tokens, streams_by_request, wait_for_lag_zero
 
@@ -261,7 +261,7 @@ async def test_a_worker_whose_engine_process_dies_fails_and_stops_cleanly(
         assert isinstance(engine, EngineProcess)
         assert engine.pid is not None
         os.kill(engine.pid, signal.SIGKILL)
-        with pytest.raises(EngineProcessError, match="ended while serving"):
+        with pytest.raises(EngineError, match="ended while serving"):
             await asyncio.wait_for(worker.wait_failed(), 30)
     # Not committed: the request is served again by whoever reads the partition next.
     assert worker.checkpoint.in_flight() == 1

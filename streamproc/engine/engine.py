@@ -119,7 +119,7 @@ class Engine:
 
     def step(self, admitted: list[PreparedRequest], abandon: frozenset[int] = frozenset(),
              cancel: frozenset[int] = frozenset()) -> list[TokenEvent]:
-        """One iteration: drop ``abandon`` (ids of admitted requests, no events), end
+        """One iteration: drop ``abandon`` (keys of admitted requests, no events), end
         ``cancel`` (a final ``cancelled`` event each), decode the running batch, then
         prefill ``admitted`` and the next chunk of the long prompts."""
         now = time.time()
@@ -152,13 +152,13 @@ class Engine:
         """Leave ``abandon`` without a word; end ``cancel`` with a final ``cancelled``."""
         if not abandon and not cancel:
             return []
-        events = [s.cancel(now) for s in self._running if id(s.prepared) in cancel]
+        events = [s.cancel(now) for s in self._running if s.prepared.key in cancel]
         events += [unserved_event(p.prepared, now, "cancelled") for p in self._partial
-                   if id(p.prepared) in cancel]
+                   if p.prepared.key in cancel]
         gone = abandon | cancel
-        self._partial = [p for p in self._partial if id(p.prepared) not in gone]
+        self._partial = [p for p in self._partial if p.prepared.key not in gone]
         for seq in self._running:
-            seq.finished = seq.finished or id(seq.prepared) in abandon
+            seq.finished = seq.finished or seq.prepared.key in abandon
         self._retire()
         return events
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,12 @@ from typing import Any
 from streamproc.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from streamproc.engine.sampling import Sampler, sampler_for
 from streamproc.wire import FinishReason, GenerationRequest, Timings, Usage
+
+_keys = itertools.count()
+
+
+def _next_key() -> int:
+    return next(_keys)
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,9 @@ class PreparedRequest:
     max_new_tokens: int
     origin_ts: float
     """Wall-clock seconds the latency clock starts from (submit time or Kafka append)."""
+    key: int = field(default_factory=_next_key)
+    """This admission's identity in this worker, stable across the engine's process
+    boundary (request ids need not be unique: a duplicate job, a replay)."""
 
     @property
     def request_id(self) -> str:

@@ -35,10 +35,10 @@ from streamproc.engine.threads import apply_serving_threads, usable_cores
 from streamproc.errors import ConfigError
 from streamproc.flow.budget import InflightBudget
 from streamproc.flow.checkpoint import Checkpoint
-from streamproc.flow.monitor import LagMonitor, LagReport
 from streamproc.ingest.consumer import Ingest
 from streamproc.ingest.control import CancelledIds, ControlListener
 from streamproc.ingest.prepare import Preparer
+from streamproc.metrics.lag_monitor import LagMonitor, LagReport
 from streamproc.metrics.prometheus import LiveGauges, WorkerCollector, serve
 from streamproc.metrics.stats import WorkerStats
 from streamproc.metrics.trace import StepTrace

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from aiokafka import TopicPartition
 
@@ -24,15 +25,25 @@ from streamproc.channel import Job, WaitingQueue
 from streamproc.engine.sequence import TokenEvent
 from streamproc.metrics.stats import WorkerStats
 from streamproc.metrics.trace import StepRecord, StepTrace
-from streamproc.publish.publisher import Publisher
 from streamproc.worker.steps import EngineRunner, StepResult
 
 log = logging.getLogger(__name__)
 
 
+class Publishing(Protocol):
+    """What the loop needs of :class:`~streamproc.publish.publisher.Publisher`."""
+
+    async def publish(self, job: Job, event: TokenEvent) -> None: ...
+
+    async def fail(self, job: Job, code: str, message: str,
+                   retriable: bool = False) -> None: ...
+
+    def forget(self, job: Job) -> None: ...
+
+
 class ServingLoop:
     def __init__(self, engine: EngineRunner, waiting: WaitingQueue, policy: BatchPolicy,
-                 publisher: Publisher, stats: WorkerStats, *,
+                 publisher: Publishing, stats: WorkerStats, *,
                  controller: AdaptiveController | None = None,
                  lag: Callable[[], int] = lambda: 0, prefill_chunk_tokens: int = 0,
                  trace: StepTrace | None = None) -> None:
@@ -114,7 +125,7 @@ class ServingLoop:
         admitted = [] if self._draining else self._waiting.take(decision.admit)
         started = time.monotonic()
         for job in admitted:
-            self._jobs[id(job.prepared)] = job
+            self._jobs[job.prepared.key] = job
             self._stats.engine_queue.observe(started - job.enqueued_at)
         abandon, self._abandoned = frozenset(self._abandoned), set()
         cancel, self._cancelled = frozenset(self._cancelled), set()
@@ -151,7 +162,7 @@ class ServingLoop:
         stats.batch_tokens.observe(done.kv_tokens)
         gaps, firsts = [], []
         for event in done.events:
-            key = id(event.source)
+            key = event.source.key
             previous = self._last_token_at.get(key)
             if event.token_ids and previous is not None:
                 gaps.append(done.ended - previous)
@@ -208,11 +219,11 @@ class ServingLoop:
         decision sees the engine's real occupancy; the sends come later."""
         settled = []
         for event in events:
-            job = self._jobs.get(id(event.source))
+            job = self._jobs.get(event.source.key)
             if job is None:  # abandoned while this step ran
                 continue
             if event.outcome is not None:
-                del self._jobs[id(event.source)]
+                del self._jobs[event.source.key]
                 self._stats.finished(event.outcome)
             settled.append((job, event))
         return settled

@@ -2,7 +2,8 @@
 
 The engine runs on a thread of the worker's (:mod:`streamproc.worker.engine_thread`)
 or in a process of its own (:mod:`streamproc.worker.engine_process`); either way the
-loop posts work and collects results through the same :class:`EngineRunner` calls.
+loop posts work and collects results through the same :class:`EngineRunner` calls,
+implemented once in :mod:`streamproc.worker.runner`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,24 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
+
 from streamproc.engine.engine import Engine
 from streamproc.engine.sequence import PreparedRequest, TokenEvent
+
+
+class StepFigures(msgspec.Struct, frozen=True, array_like=True):
+    """One engine step's timings and sizes, captured as the step ends (the engine's own
+    fields change with the next step)."""
+
+    busy_s: float
+    prefill_s: float
+    decode_s: float
+    kv_tokens: int
+    ended: float
+    ended_wall: float
+    decode_rows: int
+    prefill_tokens: int
 
 
 @dataclass(frozen=True)
@@ -32,6 +49,16 @@ class StepResult:
     """Rows the step decoded."""
     prefill_tokens: int = 0
     """Prompt tokens the step prefilled."""
+
+    @classmethod
+    def of(cls, figures: StepFigures, events: list[TokenEvent]) -> StepResult:
+        return cls(events, *msgspec.structs.astuple(figures))
+
+    @property
+    def figures(self) -> StepFigures:
+        return StepFigures(self.busy_s, self.prefill_s, self.decode_s, self.kv_tokens,
+                           self.ended, self.ended_wall, self.decode_rows,
+                           self.prefill_tokens)
 
 
 def run_step(engine: Engine, admitted: list[PreparedRequest], abandon: frozenset[int],
@@ -62,8 +89,9 @@ class EngineRunner(Protocol):
 
     def submit(self, admitted: list[PreparedRequest], abandon: frozenset[int],
                cancel: frozenset[int]) -> None:
-        """Work for the next step: requests to admit, and ids (``id()`` of admitted
-        requests) to drop silently or end as cancelled."""
+        """Work for the next step: requests to admit, and keys
+        (:attr:`PreparedRequest.key`) of admitted requests to drop silently or end as
+        cancelled."""
 
     @property
     def expecting(self) -> bool:
