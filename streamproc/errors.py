@@ -2,7 +2,8 @@
 
 ``retriable`` tells a caller whether the same call may succeed later.
 Per-request failures (:class:`RequestError`) become an error response on the
-request's reply topic; :class:`EngineDeadError` means the worker must stop.
+request's reply topic; an :class:`EngineStepError` fails the requests of one step
+(retriably); an :class:`EngineError` means the worker must stop.
 """
 
 from __future__ import annotations
@@ -53,8 +54,19 @@ class OverloadedError(StreamprocError):
         self.retry_after_s = retry_after_s
 
 
-class EngineDeadError(StreamprocError):
-    """The model engine failed in a way no single request explains."""
+class EngineError(StreamprocError):
+    """The engine did not start, or ended while serving: the worker must stop."""
+
+
+class EngineStepError(StreamprocError):
+    """One engine step failed; the message names the original error. The running
+    requests fail with it (retriably) and the engine serves on, reset."""
+
+    retriable = True
+
+
+class TopicMissingError(StreamprocError):
+    """A topic the command needs does not exist on the broker."""
 
 
 class LocalKafkaError(StreamprocError):

@@ -9,12 +9,20 @@ Nothing is installed: only the file is downloaded, then checked against its sha2
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from streamproc.errors import StreamprocError
+
+
+def cache_dir() -> Path:
+    """Where fetched wheels and what is built from them live: ``$STREAMPROC_CACHE`` or
+    ``~/.cache/streamproc``."""
+    root = os.environ.get("STREAMPROC_CACHE") or Path.home() / ".cache" / "streamproc"
+    return Path(root)
 
 Progress = Callable[[str], None]
 _READ_SIZE = 1 << 20

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from transformers.utils import logging as hf_logging
 
-from streamproc import localkafka, logs, topics
+from streamproc import logs, topics
 from streamproc.config import TopicNames, WorkerConfig, bootstrap_from_env
+from streamproc.devtools import localkafka
 from streamproc.engine import catalog
 from streamproc.engine.loader import LoadedModel, load_model
 from streamproc.engine.tiny import make_tiny_model

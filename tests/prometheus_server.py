@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from streamproc.localkafka import cache_dir
+from streamproc.wheels import cache_dir
 
 
 def prometheus_binaries() -> tuple[Path, Path]:

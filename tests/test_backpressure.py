@@ -18,7 +18,7 @@ from streamproc.config import TopicNames, WorkerConfig
 from streamproc.engine.loader import LoadedModel
 from streamproc.errors import OverloadedError
 from streamproc.flow.admission import AdmissionPolicy
-from streamproc.flow.monitor import LagMonitor
+from streamproc.metrics.lag_monitor import LagMonitor
 from streamproc.worker.app import Worker
 
 from .helpers import (

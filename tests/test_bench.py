@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from streamproc.bench.chart import draw
-from streamproc.bench.long_prompts import compare_chunk_sizes
-from streamproc.bench.measure import Observation, summarize
-from streamproc.bench.paired import best_batch_size, wave_ratios
-from streamproc.bench.peers import offline_ceiling, offline_engine
-from streamproc.bench.run import _timeline
-from streamproc.bench.targets import long_prompt_ratios, targets
-from streamproc.bench.trace import TraceSettings, build
 from streamproc.cli.bench_cmd import table
+from streamproc.devtools.bench.chart import draw
+from streamproc.devtools.bench.long_prompts import compare_chunk_sizes
+from streamproc.devtools.bench.measure import Observation, summarize
+from streamproc.devtools.bench.paired import best_batch_size, wave_ratios
+from streamproc.devtools.bench.peers import offline_ceiling, offline_engine
+from streamproc.devtools.bench.run import _timeline
+from streamproc.devtools.bench.targets import long_prompt_ratios, targets
+from streamproc.devtools.bench.trace import TraceSettings, build
 from streamproc.engine.loader import LoadedModel
 from streamproc.metrics.stats import percentile
 

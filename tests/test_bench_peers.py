@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from streamproc.bench.paired import wave_ratios
-from streamproc.bench.run import (
+from streamproc.devtools.bench.paired import wave_ratios
+from streamproc.devtools.bench.run import (
     PAIRED_PEER,
     PEERS,
     BenchSettings,
@@ -17,7 +17,7 @@ from streamproc.bench.run import (
     _paired_ceiling,
     replay_peers,
 )
-from streamproc.bench.trace import TraceSettings, build
+from streamproc.devtools.bench.trace import TraceSettings, build
 from streamproc.engine.loader import LoadedModel
 from streamproc.metrics.trace import as_columns, read_trace
 

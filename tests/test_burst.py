@@ -11,7 +11,7 @@ import pytest
 
 from streamproc import wire
 from streamproc.config import WorkerConfig
-from streamproc.flow.monitor import LagMonitor
+from streamproc.metrics.lag_monitor import LagMonitor
 
 from .helpers import publish_requests, read_topic
 from .processes import WorkerProcess, write_topics_file

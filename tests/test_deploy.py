@@ -16,8 +16,8 @@ from streamproc import topics
 from streamproc.cli.main import build_parser
 from streamproc.config import WorkerConfig
 from streamproc.flow.lag import PartitionLag, Throughput
-from streamproc.flow.monitor import LagReport
 from streamproc.logs import JsonFormatter
+from streamproc.metrics.lag_monitor import LagReport
 from streamproc.metrics.prometheus import LiveGauges, WorkerCollector
 from streamproc.metrics.stats import WorkerStats
 

@@ -24,7 +24,8 @@ from aiokafka.protocol.admin import ApiVersionResponse_v0
 from aiokafka.protocol.coordination import FindCoordinatorResponse_v0
 from aiokafka.protocol.metadata import MetadataResponse_v0
 
-from streamproc import localkafka, topics
+from streamproc import topics
+from streamproc.devtools import localkafka
 from streamproc.errors import LocalKafkaError
 
 

@@ -14,8 +14,8 @@ from prometheus_client import generate_latest
 from streamproc import wire
 from streamproc.client import StreamprocClient
 from streamproc.config import WorkerConfig
+from streamproc.devtools.localkafka import free_port
 from streamproc.engine.loader import LoadedModel
-from streamproc.localkafka import free_port
 from streamproc.worker.app import Worker
 
 from .helpers import eventually

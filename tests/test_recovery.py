@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 
-from streamproc import localkafka, topics, wire
+from streamproc import topics, wire
 from streamproc.client import Result, ResultStream, StreamprocClient
 from streamproc.config import WorkerConfig
+from streamproc.devtools import localkafka
 from streamproc.engine.loader import LoadedModel
 from streamproc.worker.app import Worker
 

@@ -14,9 +14,10 @@ import torch
 from aiokafka.errors import KafkaConnectionError
 from safetensors.torch import load_file
 
-from streamproc import localkafka, topics
+from streamproc import topics
 from streamproc.client import StreamprocClient
 from streamproc.config import KafkaSecurity, TopicNames, WorkerConfig
+from streamproc.devtools import localkafka
 from streamproc.engine.loader import LoadedModel, load_model, load_tokenizer
 from streamproc.errors import ConfigError, ModelError, RequestError
 from streamproc.ingest.prepare import Preparer

@@ -10,11 +10,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from streamproc.bench.run import BenchSettings, real_model_settings, run_bench
-from streamproc.bench.trace import TraceSettings
 from streamproc.cli.common import add_bootstrap, run
 from streamproc.cli.demo_cmd import local_broker
 from streamproc.config import DEFAULT_MODEL, bootstrap_from_env
+from streamproc.devtools.bench.run import BenchSettings, real_model_settings, run_bench
+from streamproc.devtools.bench.trace import TraceSettings
 from streamproc.engine import catalog
 from streamproc.engine.catalog import TINY
 from streamproc.engine.loader import load_model
@@ -114,7 +114,7 @@ def _main(args: argparse.Namespace) -> int:
         report = run(run_bench(address, loaded, model, settings, _say))
     report["model"]["name"] = args.model
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    from streamproc.bench.chart import draw
+    from streamproc.devtools.bench.chart import draw
     draw(report, args.png)
     print(table(report))
     print(f"report: {args.json}  chart: {args.png}")

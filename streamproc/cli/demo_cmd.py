@@ -20,11 +20,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from streamproc import localkafka, topics, wire
+from streamproc import topics, wheels, wire
 from streamproc.cli.common import add_bootstrap, run, security
 from streamproc.cli.live import LiveView, summarize
 from streamproc.client import Result, StreamprocClient
 from streamproc.config import DEFAULT_MODEL, bootstrap_from_env
+from streamproc.devtools import localkafka
 from streamproc.engine import catalog
 
 QUESTIONS = [
@@ -78,7 +79,7 @@ def local_broker(cleanup: ExitStack, say: Callable[[str], None] | None = None) -
     """A local broker for this command, stopped by ``cleanup``; ``say`` tells the user
     (default: as the demo speaks)."""
     say = say or _say
-    state_dir = localkafka.cache_dir() / "local-kafka" / "demo"
+    state_dir = wheels.cache_dir() / "local-kafka" / "demo"
     say("starting a local Kafka broker")
     state = localkafka.start(state_dir, progress=say)
     cleanup.callback(_stop_broker, state_dir, say)
@@ -99,7 +100,7 @@ def _fetched(model: str) -> str:
 
 
 def _start_worker(address: str, model: str, cleanup: ExitStack) -> subprocess.Popen[bytes]:
-    log_path = localkafka.cache_dir() / "demo-worker.log"
+    log_path = wheels.cache_dir() / "demo-worker.log"
     _say(f"starting a worker (log: {log_path})")
     log = log_path.open("wb")
     cmd = [sys.executable, "-m", "streamproc", "worker", "--bootstrap", address,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from streamproc.cli.common import add_bootstrap, bootstrap, run, security
 from streamproc.config import TopicNames
-from streamproc.flow.monitor import LagMonitor, LagReport
+from streamproc.metrics.lag_monitor import LagMonitor, LagReport
 from streamproc.topics import load_specs, topic_names
 
 _CLEAR = "\x1b[H\x1b[2J"

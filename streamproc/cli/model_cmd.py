@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from streamproc.engine import catalog
-from streamproc.localkafka import cache_dir
+from streamproc.wheels import cache_dir
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

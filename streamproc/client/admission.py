@@ -12,7 +12,7 @@ import time
 from streamproc.config import KafkaSecurity, TopicNames
 from streamproc.errors import OverloadedError
 from streamproc.flow.admission import AdmissionPolicy, decide
-from streamproc.flow.monitor import LagMonitor, LagReport
+from streamproc.metrics.lag_monitor import LagMonitor, LagReport
 
 
 class AdmissionGate:

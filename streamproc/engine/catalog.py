@@ -33,8 +33,7 @@ from pathlib import Path
 
 from streamproc.config import DEFAULT_MODEL
 from streamproc.errors import ModelError
-from streamproc.localkafka import cache_dir
-from streamproc.wheels import Progress, download
+from streamproc.wheels import Progress, cache_dir, download
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aiokafka import TopicPartition
+from aiokafka.structs import TopicPartition
 
 Gate = Literal["pause", "resume", "hold"]
 Key = tuple[TopicPartition, int]

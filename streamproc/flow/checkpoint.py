@@ -7,7 +7,7 @@ past the highest seen when nothing is. Committed offsets only move forward.
 
 from __future__ import annotations
 
-from aiokafka import TopicPartition
+from aiokafka.structs import TopicPartition
 
 
 class Checkpoint:

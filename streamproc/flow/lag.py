@@ -1,7 +1,7 @@
 """Lag arithmetic and consumer-group health, in the spirit of Burrow.
 
 Pure: offsets, timestamps and throughput figures in; numbers and a status out.
-The lag monitor (``flow/monitor.py``) gathers the inputs from the broker.
+The lag monitor (:mod:`streamproc.metrics.lag_monitor`) gathers the inputs from the broker.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from streamproc.flow.lag import Status
-from streamproc.flow.monitor import LagReport
+from streamproc.metrics.lag_monitor import LagReport
 from streamproc.metrics.stats import Histogram, WorkerStats
 
 _STATUSES: tuple[Status, ...] = ("OK", "WARN", "STALL", "STOP")

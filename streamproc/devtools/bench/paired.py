@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from streamproc.bench.load import replay
-from streamproc.bench.measure import Observation, summarize
-from streamproc.bench.offload import off_loop
-from streamproc.bench.peers import offline_ceiling
-from streamproc.bench.trace import Arrival
 from streamproc.client import StreamprocClient
+from streamproc.devtools.bench.load import replay
+from streamproc.devtools.bench.measure import Observation, summarize
+from streamproc.devtools.bench.offload import off_loop
+from streamproc.devtools.bench.peers import offline_ceiling
+from streamproc.devtools.bench.trace import Arrival
 from streamproc.engine.loader import LoadedModel
 
 Progress = Callable[[str], None]

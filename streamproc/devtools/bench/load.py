@@ -12,9 +12,9 @@ from collections.abc import Callable
 from contextlib import suppress
 
 from streamproc import wire
-from streamproc.bench.measure import Observation
-from streamproc.bench.trace import Arrival
 from streamproc.client import ResultStream, StreamprocClient
+from streamproc.devtools.bench.measure import Observation
+from streamproc.devtools.bench.trace import Arrival
 
 Tick = Callable[[list[Observation]], None]
 

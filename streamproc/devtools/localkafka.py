@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError
 
 from streamproc.errors import LocalKafkaError
 from streamproc.signals import handlers_swapped
-from streamproc.wheels import download
+from streamproc.wheels import cache_dir, download
 
 KAFKA_DIR = "kafka_2.12-2.3.0"
 _WHEELS = {
@@ -45,12 +45,6 @@ STOP_TIMEOUT_S = 20.0
 """How long each broker process gets to stop on SIGTERM before it is killed."""
 INDEX_BYTES = 64 * 1024
 """The broker's preallocated size of each segment index (see :func:`_kafka_props`)."""
-
-
-def cache_dir() -> Path:
-    """``$STREAMPROC_CACHE`` or ``~/.cache/streamproc``."""
-    root = os.environ.get("STREAMPROC_CACHE") or Path.home() / ".cache" / "streamproc"
-    return Path(root)
 
 
 def default_state_dir() -> Path:

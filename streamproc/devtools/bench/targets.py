@@ -21,7 +21,7 @@ UNDER_PRESSURE = ("burst", "saturation")
 def targets(runs: dict[str, Any], itl_target_ms: float,
             paired: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ratios and the targets met. ``paired``: the rounds of
-    :mod:`streamproc.bench.paired`, whose median ratio the throughput target reads when
+    :mod:`streamproc.devtools.bench.paired`, whose median ratio the throughput target reads when
     there were any (else the trace's wave against the sweep's best)."""
     ratio = {**_throughput(runs, paired), **_latency(runs, itl_target_ms)}
     ratio.update(_ttft_by_phase(runs[THROUGHPUT], runs["fixed_window"]))

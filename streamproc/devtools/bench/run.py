@@ -1,7 +1,7 @@
 """Replaying one trace through real Kafka against every peer, in one run.
 
 Each peer gets fresh topics and the same trace and runs in its own process
-(:mod:`streamproc.bench.serve`); the client, here, measures every request on its
+(:mod:`streamproc.devtools.bench.serve`); the client, here, measures every request on its
 own clock. The offline ceiling runs ``generate()`` here with no Kafka.
 """
 
@@ -22,17 +22,23 @@ import msgspec
 import torch
 
 from streamproc import topics
-from streamproc.bench.load import replay
-from streamproc.bench.long_prompts import LONG_PROMPT, ROUNDS, RUNNING, compare_chunk_sizes
-from streamproc.bench.measure import Observation, summarize
-from streamproc.bench.offload import off_loop
-from streamproc.bench.paired import PairedCeiling
-from streamproc.bench.peers import offline_ceiling, offline_engine
-from streamproc.bench.serve import READY, Peer, PeerSpec
-from streamproc.bench.targets import long_prompt_ratios, targets
-from streamproc.bench.trace import Arrival, TraceSettings, build, real_model_trace, rendered
 from streamproc.client import StreamprocClient
 from streamproc.config import TopicNames, WorkerConfig
+from streamproc.devtools.bench.load import replay
+from streamproc.devtools.bench.long_prompts import LONG_PROMPT, ROUNDS, RUNNING, compare_chunk_sizes
+from streamproc.devtools.bench.measure import Observation, summarize
+from streamproc.devtools.bench.offload import off_loop
+from streamproc.devtools.bench.paired import PairedCeiling
+from streamproc.devtools.bench.peers import offline_ceiling, offline_engine
+from streamproc.devtools.bench.serve import READY, Peer, PeerSpec
+from streamproc.devtools.bench.targets import long_prompt_ratios, targets
+from streamproc.devtools.bench.trace import (
+    Arrival,
+    TraceSettings,
+    build,
+    real_model_trace,
+    rendered,
+)
 from streamproc.engine.loader import LoadedModel
 from streamproc.engine.threads import serving_threads, usable_cores
 from streamproc.metrics.stats import percentile
@@ -67,7 +73,7 @@ class BenchSettings:
     drain_timeout_s: float = 180.0
     paired_rounds: int = 3
     """Saturation waves through streamproc after the trace, each between two ceiling runs
-    (:mod:`streamproc.bench.paired`); 0: none, the target reads the trace's wave."""
+    (:mod:`streamproc.devtools.bench.paired`); 0: none, the target reads the trace's wave."""
     ceiling_batches: int = 2
     """Full batches per batch size in the ceiling's sweep."""
     paired_ceiling_batches: int = 4
@@ -227,7 +233,7 @@ async def _long_prompt_runs(loaded: LoadedModel, progress: Progress) -> dict[str
 
 
 class PeerProcess:
-    """A peer served by ``python -m streamproc.bench.serve`` in a child process."""
+    """A peer served by ``python -m streamproc.devtools.bench.serve`` in a child process."""
 
     def __init__(self, spec: PeerSpec) -> None:
         self._spec = spec
@@ -235,7 +241,7 @@ class PeerProcess:
 
     async def start(self) -> None:
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "streamproc.bench.serve",
+            sys.executable, "-m", "streamproc.devtools.bench.serve",
             msgspec.json.encode(self._spec).decode(), stdout=asyncio.subprocess.PIPE)
         assert self._process.stdout is not None
         line = await asyncio.wait_for(self._process.stdout.readline(), PEER_START_TIMEOUT_S)

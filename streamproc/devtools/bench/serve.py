@@ -1,4 +1,4 @@
-"""One benchmark peer in its own process: ``python -m streamproc.bench.serve SPEC``.
+"""One benchmark peer in its own process: ``python -m streamproc.devtools.bench.serve SPEC``.
 
 Each peer runs apart from the load generator, as a worker runs apart from its
 clients in production: the client's work of reading every chunk does not share
@@ -17,9 +17,9 @@ from typing import Protocol
 
 import msgspec
 
-from streamproc.bench.peers import GeneratePeer
 from streamproc.cli.common import run
 from streamproc.config import TopicNames, WorkerConfig
+from streamproc.devtools.bench.peers import GeneratePeer
 from streamproc.engine.loader import LoadedModel, describe_model, load_model
 from streamproc.worker.app import Worker
 
@@ -87,7 +87,7 @@ async def serve(spec: PeerSpec) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m streamproc.bench.serve SPEC_JSON", file=sys.stderr)
+        print("usage: python -m streamproc.devtools.bench.serve SPEC_JSON", file=sys.stderr)
         return 2
     run(serve(msgspec.json.decode(argv[0], type=PeerSpec)))
     return 0
