@@ -40,7 +40,8 @@ unit: $(BIN)/.installed
 	$(BIN)/pytest -m "not kafka"
 
 schema: $(BIN)/.installed
-	$(BIN)/streamproc schema --out topics/schema
+	$(BIN)/streamproc schema --out topics/schema --asyncapi topics/asyncapi.json
+	$(BIN)/streamproc config > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -44,9 +44,11 @@ class ApplyReport:
 
 
 def default_topics_dir() -> Path:
-    """``topics/`` in the current directory, else the one beside the package."""
+    """``topics/`` in the current directory (a deployment's own declarations), else the
+    ones shipped inside the package (``streamproc/declarations``, a link to the
+    repository's ``topics/`` in a source tree)."""
     here = Path("topics")
-    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "topics"
+    return here if here.is_dir() else Path(__file__).resolve().parent / "declarations"
 
 
 def load_specs(directory: Path | None = None) -> list[TopicSpec]:

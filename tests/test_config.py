@@ -1,3 +1,6 @@
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
 from streamproc.config import WorkerConfig, bootstrap_from_env
@@ -34,3 +37,19 @@ def test_cross_field_validation() -> None:
 def test_bootstrap_from_env_ignores_blank() -> None:
     assert bootstrap_from_env({"STREAMPROC_BOOTSTRAP": "  "}) is None
     assert bootstrap_from_env({"STREAMPROC_BOOTSTRAP": "h:1"}) == "h:1"
+
+
+def test_the_configuration_reference_is_current_and_documents_every_setting() -> None:
+    from streamproc.cli.config_cmd import field_docs, reference
+    from streamproc.cli.main import build_parser
+
+    root = Path(__file__).resolve().parent.parent
+    on_disk = (root / "docs" / "configuration.md").read_text()
+    assert on_disk == reference(build_parser()), \
+        "docs/configuration.md is stale: run make schema"
+    documented = field_docs(WorkerConfig)
+    undocumented = [f.name for f in fields(WorkerConfig)
+                    if f.name not in ("topics", "security") and not documented.get(f.name)]
+    assert not undocumented
+    assert "`--max-batch-size`" in on_disk
+    assert "`STREAMPROC_MAX_INFLIGHT`" in on_disk

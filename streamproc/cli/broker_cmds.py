@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from streamproc import localkafka, topics, wire
+from streamproc import asyncapi, topics, wire
 from streamproc.cli.common import add_bootstrap, bootstrap, run, security
+from streamproc.devtools import localkafka
 from streamproc.engine.tiny import make_tiny_model
 
 
@@ -35,11 +36,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lk.add_argument("--port", type=int, help="broker port (default: a free one)")
     lk.set_defaults(handler=_local_kafka)
 
-    schema = sub.add_parser("schema", help="export the wire schema as JSON Schema",
+    schema = sub.add_parser("schema", help="export the wire schema (JSON Schema, AsyncAPI)",
                             description="Write one JSON Schema per payload (request, response, "
-                            "dead_letter) so producers in any language can validate jobs.")
+                            "dead_letter, status, cancel) so producers in any language can "
+                            "validate jobs, and the topics as an AsyncAPI 3 document.")
     schema.add_argument("--out", type=Path, default=Path("topics/schema"),
                         help="folder to write into (default: topics/schema)")
+    schema.add_argument("--asyncapi", type=Path, default=Path("topics/asyncapi.json"),
+                        help="the AsyncAPI document (default: topics/asyncapi.json)")
+    schema.add_argument("--topics-dir", type=Path,
+                        help="the declarations it describes (default: as topics apply)")
     schema.set_defaults(handler=_schema)
 
     tiny = sub.add_parser("make-tiny-model", help="build a small random-weight model",
@@ -90,6 +96,10 @@ def _schema(args: argparse.Namespace) -> int:
         path = args.out / f"{name}.schema.json"
         path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         print(path)
+    described = asyncapi.document(topics.load_specs(args.topics_dir))
+    args.asyncapi.parent.mkdir(parents=True, exist_ok=True)
+    args.asyncapi.write_text(json.dumps(described, indent=2) + "\n")
+    print(args.asyncapi)
     return 0
 
 

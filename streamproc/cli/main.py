@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
@@ -13,13 +14,15 @@ from typing import NoReturn
 from streamproc.cli import (
     bench_cmd,
     broker_cmds,
+    config_cmd,
     demo_cmd,
     lag_cmd,
     model_cmd,
     submit_cmd,
     worker_cmd,
 )
-from streamproc.errors import OverloadedError, StreamprocError
+from streamproc.cli.failures import Exit, explain
+from streamproc.config import bootstrap_from_env
 from streamproc.signals import handlers_swapped
 
 Handler = Callable[[argparse.Namespace], int]
@@ -37,8 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     broker_cmds.register(sub)
     demo_cmd.register(sub)
     model_cmd.register(sub)
+    config_cmd.register(sub)
     bench_cmd.register(sub)
+    _add_verbose(parser)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``-v`` on every command (before or after it): debug logs, and a failure's traceback."""
+    if "--verbose" not in parser._option_string_actions:
+        top = parser.prog == "streamproc"
+        parser.add_argument("-v", "--verbose", action="store_true",
+                            default=False if top else argparse.SUPPRESS,
+                            help="debug logging, and the traceback of a failure")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _add_verbose(subparser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,14 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(handler: Handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
-    except OverloadedError as exc:
-        print(f"streamproc: {exc}", file=sys.stderr)
-        return 75  # EX_TEMPFAIL: try again later
-    except StreamprocError as exc:
-        print(f"streamproc: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
+    except Exception as exc:
+        code, line = explain(exc, getattr(args, "bootstrap", None) or bootstrap_from_env())
+        if getattr(args, "verbose", False):
+            traceback.print_exception(exc)
+        print(f"streamproc: error: {line}", file=sys.stderr)
+        return code
 
 
 @contextmanager
