@@ -40,7 +40,7 @@ def test_unknown_names_and_paths_are_one_line_errors_listing_the_known_names(
 
 async def test_the_cli_says_what_is_wrong_in_one_line() -> None:
     code, _, err = await run_cli("model", "pull", "no-such-model")
-    assert code == 2
+    assert code == 5  # Exit.MODEL
     assert err.count("\n") == 1
     assert "unknown model 'no-such-model'" in err
     assert SMOL in err

@@ -40,6 +40,8 @@ class Exit(IntEnum):
     """A port the command would listen on is taken."""
     ENGINE = 7
     """The engine did not start, or stopped while serving."""
+    TIMEOUT = 8
+    """No answer within the time allowed (``submit --timeout``)."""
     INTERNAL = 70
     """Anything else: a bug (EX_SOFTWARE)."""
     OVERLOADED = 75
@@ -62,8 +64,15 @@ def explain(exc: BaseException, bootstrap: str | None) -> tuple[Exit, str]:
         detail = str(exc) if isinstance(exc, TopicMissingError) else "a topic does not exist"
         return Exit.TOPIC, f"{detail}: create the topics with `streamproc topics apply`"
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-        return Exit.PORT, (f"a port is already in use ({exc.strerror}): pick a free one "
-                           "(--metrics-port, --port) or stop what holds it")
+        return Exit.PORT, (f"{exc.strerror}: pick a free port (--metrics-port, --port) or "
+                           "stop what holds it")
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return Exit.USAGE, f"{exc.strerror}: {exc.filename}"
+    if isinstance(exc, UnicodeDecodeError):
+        return Exit.USAGE, f"the input is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, TimeoutError):
+        return Exit.TIMEOUT, ("no answer within the time allowed (--timeout): is a worker "
+                              "running? `streamproc lag` shows the group and its lag")
     if isinstance(exc, ModelError):
         return Exit.MODEL, str(exc)
     if isinstance(exc, EngineError):

@@ -47,9 +47,11 @@ async def _watch(address: str, groups: list[str], names: TopicNames,
                  args: argparse.Namespace) -> int:
     monitors = [LagMonitor(address, g, names, window=args.window, security=security())
                 for g in groups]
-    for monitor in monitors:
-        await monitor.start()
+    started: list[LagMonitor] = []
     try:
+        for monitor in monitors:
+            await monitor.start()
+            started.append(monitor)
         looks = args.window if args.once else None
         while True:
             reports = [await m.sample() for m in monitors]
@@ -62,7 +64,7 @@ async def _watch(address: str, groups: list[str], names: TopicNames,
                 _show(reports, args.json, clear=sys.stdout.isatty() and not args.json)
             await asyncio.sleep(args.interval)
     finally:
-        for monitor in monitors:
+        for monitor in started:
             await monitor.stop()
 
 

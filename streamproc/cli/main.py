@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import traceback
@@ -67,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(handler: Handler, args: argparse.Namespace) -> int:
+    if not getattr(args, "verbose", False):
+        # aiokafka logs every failed connection attempt at ERROR, before the command can
+        # say in one line what is wrong. (A worker's log setup shows its warnings again.)
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         return handler(args)
     except KeyboardInterrupt:

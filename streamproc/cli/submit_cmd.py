@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("submit", help="submit prompts and print their tokens",
                        description="Submit one PROMPT and print its tokens as they arrive, or "
                        "many prompts (one per line) from --file, all kept in flight.")
-    p.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
+    p.add_argument("prompt", nargs="?",
+                   help="the prompt (or --file, or prompts piped in, one per line)")
     p.add_argument("-f", "--file", help="read prompts from FILE, one per line ('-' for stdin)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON line per finished request")
@@ -88,18 +89,27 @@ def _cancel(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     if not prompts:
-        print("streamproc: error: no prompts given", file=sys.stderr)
+        print("streamproc: error: no prompts given: pass PROMPT, --file FILE, or pipe "
+              "prompts in (one per line)", file=sys.stderr)
         return 2
     return run(asyncio.wait_for(_submit_all(args, prompts), args.timeout))
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
-    if args.file is None:
-        return [args.prompt] if args.prompt else []
+    if args.file is None and args.prompt:
+        return [args.prompt]
+    if args.file is None:  # no prompt: what is piped in, if anything is
+        return [] if sys.stdin.isatty() else _stdin()
     if args.file == "-":
-        return _non_blank(sys.stdin)
+        return _stdin()
     with open(args.file, encoding="utf-8") as handle:
         return _non_blank(handle)
+
+
+def _stdin() -> list[str]:
+    """Strictly UTF-8, whatever the locale says (a C locale would smuggle bad bytes in as
+    surrogates, which no JSON encoder takes)."""
+    return _non_blank(sys.stdin.buffer.read().decode("utf-8").splitlines())
 
 
 def _non_blank(lines: Iterable[str]) -> list[str]:

@@ -15,6 +15,7 @@ from streamproc.engine import catalog
 from streamproc.engine.loader import describe_model, load_model
 from streamproc.topics import load_specs, topic_names
 from streamproc.worker.app import Worker
+from streamproc.worker.preflight import preflight
 
 log = logging.getLogger("streamproc.worker")
 _DEFAULTS = WorkerConfig()
@@ -112,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 
 async def serve(config: WorkerConfig) -> int:
+    await preflight(config)
     log.info("loading model %s", config.model)
     # Fetched and converted once, here: the engine's process then loads a plain directory.
     config = replace(config, model=await asyncio.to_thread(catalog.resolve, config.model))

@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaError
 from streamproc import kafka, wire
 from streamproc.client.admission import AdmissionGate
 from streamproc.config import DEFAULT_LANE, KafkaSecurity, TopicNames
-from streamproc.errors import GenerationError
+from streamproc.errors import GenerationError, TopicMissingError
 from streamproc.flow.admission import AdmissionPolicy
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,8 @@ class StreamprocClient:
         self._producer = kafka.producer(bootstrap, security)
         self._consumer = kafka.consumer(bootstrap, security=security, group_id=None)
         self._streams: dict[str, ResultStream] = {}
+        self._lanes_seen: set[str] = set()
+        """Request topics known to exist (checked once each)."""
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> StreamprocClient:
@@ -185,13 +187,20 @@ class StreamprocClient:
         await self.stop()
 
     async def start(self) -> None:
+        """Connect; raises (having closed what it opened) when the broker cannot be
+        reached or the reply topic does not exist."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         await self._producer.start()
         await self._consumer.start()
-        partitions = await self._reply_partitions()
+        partitions = await self._partitions(self.reply_topic)
         if not partitions:
-            await self.stop()
-            raise GenerationError("-", "unknown_reply_topic",
-                                   f"topic {self.reply_topic!r} does not exist", False)
+            raise TopicMissingError(f"the reply topic {self.reply_topic!r} does not exist")
         tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_end(*tps)
@@ -201,13 +210,14 @@ class StreamprocClient:
             await self._gate.start()
         self._reader = asyncio.create_task(self._read(), name="streamproc-client-reader")
 
-    async def _reply_partitions(self) -> set[int]:
-        """The reply topic's partitions (the producer's lookup fetches fresh metadata)."""
+    async def _partitions(self, topic: str) -> set[int]:
+        """``topic``'s partitions, none if it does not exist, from fresh metadata of the
+        whole cluster (asking for one topic would wait for it to appear)."""
         try:
-            partitions: set[int] = await self._producer.partitions_for(self.reply_topic)
+            cluster = await self._producer.client.fetch_all_metadata()
         except KafkaError:
             return set()
-        return partitions
+        return set(cluster.partitions_for_topic(topic) or ())
 
     async def stop(self) -> None:
         if self._reader is not None:
@@ -233,8 +243,14 @@ class StreamprocClient:
 
         With an admission policy this may first wait, or raise
         :class:`~streamproc.errors.OverloadedError`. A job the broker does not accept
-        fails its stream with code ``publish_failed``.
+        fails its stream with code ``publish_failed``; a lane that does not exist raises
+        :class:`~streamproc.errors.TopicMissingError` (rather than waiting for it to).
         """
+        topic = lane or self.request_topic
+        if topic not in self._lanes_seen:
+            if not await self._partitions(topic):
+                raise TopicMissingError(f"the request topic {topic!r} does not exist")
+            self._lanes_seen.add(topic)
         if self._gate is not None:
             await self._gate.admit(priority)
         rid = request_id or uuid.uuid4().hex
@@ -244,8 +260,7 @@ class StreamprocClient:
             request_id=rid, prompt=prompt, params=params or wire.GenerationParams(),
             priority=priority, deadline=deadline, reply_topic=self.reply_topic,
             submitted_at=stream.submitted_at)
-        delivery = await self._producer.send(lane or self.request_topic, wire.encode(request),
-                                             key=rid.encode())
+        delivery = await self._producer.send(topic, wire.encode(request), key=rid.encode())
         delivery.add_done_callback(lambda done: self._delivered(stream, done))
         return stream
 

@@ -90,9 +90,14 @@ class LagMonitor:
         self.last: LagReport | None = None
 
     async def start(self) -> None:
-        await self._admin.start()
-        await self._reader.start()
-        self._partitions = await self._lane_partitions()
+        """Connect; raises (having closed what it opened) if the broker cannot be reached."""
+        try:
+            await self._admin.start()
+            await self._reader.start()
+            self._partitions = await self._lane_partitions()
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         await self._reader.stop()
