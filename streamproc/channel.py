@@ -19,6 +19,7 @@ from itertools import islice
 from aiokafka import TopicPartition
 
 from streamproc.engine.sequence import PreparedRequest
+from streamproc.flow.ledger import Ticket
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class Job:
     """A prepared request and where it came from, so its offset can be committed."""
 
     prepared: PreparedRequest
-    tp: TopicPartition
-    offset: int
+    ticket: Ticket
+    """Its record, under the assignment it was read in."""
     reply_topic: str
     enqueued_at: float = field(default_factory=time.monotonic)
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -36,6 +37,14 @@ class Job:
     @property
     def request_id(self) -> str:
         return self.prepared.request_id
+
+    @property
+    def tp(self) -> TopicPartition:
+        return self.ticket.tp
+
+    @property
+    def offset(self) -> int:
+        return self.ticket.offset
 
     @property
     def key(self) -> tuple[TopicPartition, int]:

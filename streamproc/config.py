@@ -214,7 +214,8 @@ class WorkerConfig:
     """On shutdown after the drain, how long flushing, committing and closing the Kafka
     clients may take in all, so that a broker that is gone cannot keep the worker from
     exiting; likewise flushing and committing when partitions are revoked (what was not
-    committed is served again by the partitions' next owner)."""
+    committed is served again by the partitions' next owner), and the longest any one
+    commit may take (then it is given up, not retried later)."""
     max_message_bytes: int = 1_000_000
     """Larger request messages go to the dead-letter topic unread."""
     max_prompt_tokens: int = 8192

@@ -65,6 +65,10 @@ class EngineStepError(StreamprocError):
     retriable = True
 
 
+class PublishError(StreamprocError):
+    """The broker would not take a message after the producer's retries."""
+
+
 class TopicMissingError(StreamprocError):
     """A topic the command needs does not exist on the broker."""
 

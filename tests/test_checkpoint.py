@@ -1,53 +1,48 @@
-import pytest
+"""The ledger's watermark: commit only what is published, per partition, in order."""
+
 from aiokafka import TopicPartition
 
-from streamproc.flow.checkpoint import Checkpoint
+from streamproc.flow.ledger import Ledger
 
 TP = TopicPartition("requests", 0)
+OTHER = TopicPartition("requests", 1)
+
+
+def offsets(ledger: Ledger, only: set[TopicPartition] | None = None
+            ) -> dict[TopicPartition, int]:
+    return {tp: offset for tp, (offset, _) in ledger.committable(only).items()}
 
 
 def test_commits_only_up_to_the_lowest_unfinished_offset() -> None:
-    cp = Checkpoint()
-    for offset in (5, 6, 7):
-        cp.track(TP, offset)
-    cp.done(TP, 7)
-    cp.done(TP, 6)
-    assert cp.committable() == {TP: 5}
-    cp.done(TP, 5)
-    assert cp.committable() == {TP: 8}
+    ledger = Ledger(100, 10_000)
+    five, six, seven = (ledger.read(TP, o) for o in (5, 6, 7))
+    ledger.done(seven)
+    ledger.done(six)
+    assert offsets(ledger) == {TP: 5}
+    ledger.done(five)
+    assert offsets(ledger) == {TP: 8}
 
 
 def test_committed_offsets_are_not_offered_again() -> None:
-    cp = Checkpoint()
-    cp.track(TP, 0)
-    cp.done(TP, 0)
-    cp.committed(cp.committable())
-    assert cp.committable() == {}
-    assert cp.in_flight() == 0
+    ledger = Ledger(100, 10_000)
+    ledger.done(ledger.read(TP, 0))
+    ledger.committed(ledger.committable())
+    assert ledger.committable() == {}
+    assert ledger.requests == 0
 
 
-def test_commits_never_go_backwards() -> None:
-    cp = Checkpoint()
-    cp.committed({TP: 10})
-    with pytest.raises(AssertionError):
-        cp.committed({TP: 9})
-
-
-def test_forgetting_a_revoked_partition_drops_its_state() -> None:
-    cp = Checkpoint()
-    other = TopicPartition("requests", 1)
-    cp.track(TP, 0)
-    cp.track(other, 3)
-    cp.forget({TP})
-    cp.done(TP, 0)  # a late ack for a revoked partition is harmless
-    assert cp.committable() == {other: 3}
-    assert cp.in_flight() == 1
+def test_revoking_a_partition_drops_its_state_and_late_acks_are_harmless() -> None:
+    ledger = Ledger(100, 10_000)
+    late = ledger.read(TP, 0)
+    ledger.read(OTHER, 3)
+    ledger.revoke({TP})
+    assert not ledger.done(late)
+    assert offsets(ledger) == {OTHER: 3}
+    assert ledger.requests == 1
 
 
 def test_only_filter_limits_to_given_partitions() -> None:
-    cp = Checkpoint()
-    other = TopicPartition("requests", 1)
-    for tp in (TP, other):
-        cp.track(tp, 0)
-        cp.done(tp, 0)
-    assert cp.committable({other}) == {other: 1}
+    ledger = Ledger(100, 10_000)
+    for tp in (TP, OTHER):
+        ledger.done(ledger.read(tp, 0))
+    assert offsets(ledger, {OTHER}) == {OTHER: 1}

@@ -5,8 +5,8 @@ import math
 from aiokafka import TopicPartition
 
 from streamproc.flow.admission import AdmissionPolicy, Decision, decide
-from streamproc.flow.budget import InflightBudget
 from streamproc.flow.lag import GroupSample, Throughput, drain_time_s, group_status
+from streamproc.flow.ledger import Ledger
 from streamproc.flow.shedding import cannot_meet_deadline
 from streamproc.metrics.stats import RateMeter
 
@@ -14,43 +14,41 @@ TP = TopicPartition("lane", 0)
 
 
 def test_budget_pauses_at_the_request_cap_and_resumes_below_low_water() -> None:
-    budget = InflightBudget(max_requests=4, max_tokens=10_000)
-    for offset in range(3):
-        budget.acquire((TP, offset))
-    assert budget.gate(paused=False) == "hold"
-    budget.acquire((TP, 3))
-    assert budget.gate(paused=False) == "pause"
-    assert budget.room() == 1  # still polls, so the group membership stays alive
-    budget.release((TP, 0))
-    assert budget.gate(paused=True) == "resume"  # 3 <= 4 * 0.75
+    ledger = Ledger(max_requests=4, max_tokens=10_000)
+    tickets = [ledger.read(TP, offset) for offset in range(3)]
+    assert ledger.gate(paused=False) == "hold"
+    ledger.read(TP, 3)
+    assert ledger.gate(paused=False) == "pause"
+    assert ledger.room() == 1  # still polls, so the group membership stays alive
+    ledger.done(tickets[0])
+    assert ledger.gate(paused=True) == "resume"  # 3 <= 4 * 0.75
 
 
 def test_budget_hysteresis_holds_between_the_marks() -> None:
-    budget = InflightBudget(max_requests=8, max_tokens=10_000)
+    ledger = Ledger(max_requests=8, max_tokens=10_000)
     for offset in range(7):
-        budget.acquire((TP, offset))
-    assert budget.gate(paused=True) == "hold"  # 7 > 6: not low enough to resume
+        ledger.read(TP, offset)
+    assert ledger.gate(paused=True) == "hold"  # 7 > 6: not low enough to resume
 
 
 def test_budget_pauses_on_tokens_alone() -> None:
-    budget = InflightBudget(max_requests=100, max_tokens=1000)
-    budget.acquire((TP, 0), tokens=600, work=100)
-    budget.acquire((TP, 1), tokens=500, work=50)
-    assert budget.gate(paused=False) == "pause"
-    assert budget.work == 150
-    budget.release((TP, 1))
-    assert budget.gate(paused=True) == "resume"
+    ledger = Ledger(max_requests=100, max_tokens=1000)
+    first, second = ledger.read(TP, 0), ledger.read(TP, 1)
+    ledger.cost(first, tokens=600, work=100)
+    ledger.cost(second, tokens=500, work=50)
+    assert ledger.gate(paused=False) == "pause"
+    assert ledger.work == 150
+    ledger.done(second)
+    assert ledger.gate(paused=True) == "resume"
 
 
 def test_budget_releases_revoked_partitions() -> None:
-    budget = InflightBudget(max_requests=10, max_tokens=100)
+    ledger = Ledger(max_requests=10, max_tokens=100)
     other = TopicPartition("lane", 1)
-    budget.acquire((TP, 0), tokens=10)
-    budget.acquire((other, 0), tokens=20)
-    budget.release_partitions({TP})
-    assert (budget.requests, budget.tokens) == (1, 20)
-    budget.release((TP, 0))  # a late acknowledgement changes nothing
-    assert (budget.requests, budget.tokens) == (1, 20)
+    ledger.cost(ledger.read(TP, 0), tokens=10, work=0)
+    ledger.cost(ledger.read(other, 0), tokens=20, work=0)
+    ledger.revoke({TP})
+    assert (ledger.requests, ledger.tokens) == (1, 20)
 
 
 def test_drain_time_is_lag_times_tokens_per_request_over_rate() -> None:

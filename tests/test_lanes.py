@@ -15,6 +15,7 @@ from streamproc.client import StreamprocClient
 from streamproc.config import WorkerConfig
 from streamproc.engine.loader import LoadedModel
 from streamproc.engine.sequence import PreparedRequest
+from streamproc.flow.ledger import Ticket
 from streamproc.flow.priority import lanes_to_pause
 from streamproc.worker.app import Worker
 
@@ -29,7 +30,7 @@ def test_a_backlog_pauses_every_lower_lane() -> None:
 def job(rid: str, topic: str, prompt_ids: tuple[int, ...] = (1, 2)) -> Job:
     request = wire.GenerationRequest(request_id=rid, prompt="p")
     return Job(PreparedRequest(request, list(prompt_ids), 4, time.time()),
-               TopicPartition(topic, 0), 0, "replies")
+               Ticket(TopicPartition(topic, 0), 0, 1), "replies")
 
 
 def test_the_queue_hands_out_higher_lanes_first() -> None:

@@ -7,6 +7,7 @@ stream over exactly once, in order, complete.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -173,8 +174,14 @@ async def own_broker(tmp_path: Path, tiny_model_dir: Path, group: str,
         await asyncio.to_thread(localkafka.stop, state_dir)
 
 
+STRESS_RUNS = int(os.environ.get("STREAMPROC_STRESS_RUNS", "1"))
+"""How many times the outage test runs: ``STREAMPROC_STRESS_RUNS=20 pytest -k broker_stops``
+is the stress loop (not in CI: about a minute a run)."""
+
+
+@pytest.mark.parametrize("run", range(STRESS_RUNS))
 async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
-        tiny_model_dir: Path, loaded_model: LoadedModel, tmp_path: Path) -> None:
+        run: int, tiny_model_dir: Path, loaded_model: LoadedModel, tmp_path: Path) -> None:
     async with own_broker(tmp_path, tiny_model_dir, "outage",
                           "--max-batch-size", "4") as (state_dir, config, worker):
         await worker.start()

@@ -16,6 +16,7 @@ from streamproc.admission.policy import FixedWindowPolicy
 from streamproc.channel import Job, WaitingQueue
 from streamproc.engine.sequence import Outcome, PreparedRequest, TokenEvent
 from streamproc.errors import EngineStepError
+from streamproc.flow.ledger import Ticket
 from streamproc.metrics.stats import WorkerStats
 from streamproc.wire import GenerationParams, GenerationRequest, Timings, Usage
 from streamproc.worker.serving import ServingLoop
@@ -130,7 +131,8 @@ class RecordingPublisher:
 def job(rid: str, max_new: int, tp: TopicPartition = TP0, offset: int = 0) -> Job:
     request = GenerationRequest(request_id=rid, prompt="-",
                                 params=GenerationParams(max_new_tokens=max_new))
-    return Job(PreparedRequest(request, [1, 2], max_new, time.time()), tp, offset, "replies")
+    return Job(PreparedRequest(request, [1, 2], max_new, time.time()), Ticket(tp, offset, 1),
+               "replies")
 
 
 @dataclass

@@ -56,7 +56,7 @@ async def test_fifty_concurrent_requests_stream_complete_and_commit(
     lag = await wait_for_lag_zero(worker_config.bootstrap, worker_config.group_id,
                                   worker_config.topics.requests)
     assert lag == 0
-    assert worker.checkpoint.in_flight() == 0
+    assert worker.ledger.requests == 0
 
 
 async def test_greedy_results_through_kafka_equal_generate(
@@ -264,4 +264,4 @@ async def test_a_worker_whose_engine_process_dies_fails_and_stops_cleanly(
         with pytest.raises(EngineError, match="ended while serving"):
             await asyncio.wait_for(worker.wait_failed(), 30)
     # Not committed: the request is served again by whoever reads the partition next.
-    assert worker.checkpoint.in_flight() == 1
+    assert worker.ledger.requests == 1

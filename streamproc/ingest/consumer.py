@@ -17,8 +17,7 @@ from aiokafka.structs import ConsumerRecord
 from streamproc.channel import Job, WaitingQueue
 from streamproc.engine.sequence import PreparedRequest, unserved_event
 from streamproc.errors import RequestError
-from streamproc.flow.budget import InflightBudget
-from streamproc.flow.checkpoint import Checkpoint
+from streamproc.flow.ledger import Ledger, Ticket
 from streamproc.flow.priority import lanes_to_pause
 from streamproc.flow.shedding import cannot_meet_deadline
 from streamproc.ingest.control import CancelledIds
@@ -35,14 +34,13 @@ POLL_TIMEOUT_MS = 200
 
 class Ingest:
     def __init__(self, consumer: AIOKafkaConsumer, preparer: Preparer, waiting: WaitingQueue,
-                 checkpoint: Checkpoint, budget: InflightBudget, publisher: Publisher,
+                 ledger: Ledger, publisher: Publisher,
                  stats: WorkerStats, *, lanes: tuple[str, ...], lane_backlog: int,
                  cancelled: CancelledIds, max_message_bytes: int) -> None:
         self._consumer = consumer
         self._preparer = preparer
         self._waiting = waiting
-        self._checkpoint = checkpoint
-        self._budget = budget
+        self._ledger = ledger
         self._publisher = publisher
         self._stats = stats
         self._max_bytes = max_message_bytes
@@ -52,7 +50,6 @@ class Ingest:
         self.paused = False
         self.paused_partitions = 0
         """Read by the metrics thread: a plain int, updated on the event loop."""
-        self._next_offset: dict[TopicPartition, int] = {}
 
     def unread(self) -> int:
         """Records on this worker's partitions that it has not read yet, as of its last
@@ -60,22 +57,16 @@ class Ingest:
         fresh at every fetch, where the group's is sampled every few seconds."""
         total = 0
         for tp in self._consumer.assignment():
-            highwater, read = self._consumer.highwater(tp), self._next_offset.get(tp)
+            highwater, read = self._consumer.highwater(tp), self._ledger.next_offset(tp)
             if highwater is not None and read is not None:
                 total += max(0, highwater - read)
         return total
-
-    def forget(self, partitions: set[TopicPartition]) -> None:
-        """Partitions revoked: how far this worker read them goes stale as their new owner
-        reads on; kept, it would count that owner's reads as unread here if they came back."""
-        for tp in partitions:
-            self._next_offset.pop(tp, None)
 
     async def run(self) -> None:
         """Fetch until cancelled."""
         while True:
             self._apply_gate()
-            fetched = await self._fetch(self._budget.room())
+            fetched = await self._fetch(self._ledger.room())
             for tp, records in fetched.items():
                 for record in records:
                     await self._route(tp, record)
@@ -112,7 +103,7 @@ class Ingest:
 
     def _apply_gate(self) -> None:
         """Pause everything when full; else pause lanes below one with a backlog."""
-        gate = self._budget.gate(self.paused)
+        gate = self._ledger.gate(self.paused)
         if gate != "hold":
             self.paused = gate == "pause"
         assigned = self._consumer.assignment()
@@ -131,31 +122,29 @@ class Ingest:
         self.paused_partitions = len(wanted)
 
     async def _route(self, tp: TopicPartition, record: ConsumerRecord) -> None:
-        self._checkpoint.track(tp, record.offset)
-        self._next_offset[tp] = record.offset + 1
-        self._budget.acquire((tp, record.offset))
+        ticket = self._ledger.read(tp, record.offset)
         request = decode_request(record.value, self._max_bytes)
         if isinstance(request, Undecodable):
-            await self._undecodable(record, request)
+            await self._undecodable(record, ticket, request)
             return
         try:
             prepared = self._preparer.prepare(request, record.timestamp / 1000)
         except RequestError as exc:
-            await self._reject(record, request.request_id, request.reply_topic, exc)
+            await self._reject(record, ticket, request.request_id, request.reply_topic, exc)
             return
         except Exception as exc:  # a tokenizer or template failing on this one
-            await self._unprocessable(record, request, exc)
+            await self._unprocessable(record, ticket, request, exc)
             return
         self._stats.kafka_wait.observe(max(0.0, time.time() - prepared.origin_ts))
-        job = Job(prepared, tp, record.offset, self._preparer.reply_topic(request))
+        job = Job(prepared, ticket, self._preparer.reply_topic(request))
         if request.request_id in self._cancelled:  # cancelled before it was read
             await self._answer(job, "cancelled")
             return
         if self._overloaded_for(prepared):
             await self._answer(job, "rejected", "overloaded")
             return
-        self._budget.acquire(job.key, len(prepared.prompt_ids) + prepared.max_new_tokens,
-                             prepared.max_new_tokens)
+        self._ledger.cost(ticket, len(prepared.prompt_ids) + prepared.max_new_tokens,
+                          prepared.max_new_tokens)
         self._waiting.put(job, self._lanes.index(tp.topic))
 
     async def _answer(self, job: Job, reason: FinishReason, detail: str = "") -> None:
@@ -166,24 +155,25 @@ class Ingest:
         await self._publisher.publish(job, event)
 
     def _overloaded_for(self, prepared: PreparedRequest) -> bool:
-        return cannot_meet_deadline(time.time(), prepared.request.deadline, self._budget.work,
+        return cannot_meet_deadline(time.time(), prepared.request.deadline, self._ledger.work,
                                     prepared.max_new_tokens, self._stats.rate.tokens_per_s)
 
-    async def _undecodable(self, record: ConsumerRecord, failure: Undecodable) -> None:
+    async def _undecodable(self, record: ConsumerRecord, ticket: Ticket,
+                           failure: Undecodable) -> None:
         log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition,
                     record.offset, failure.reason,
                     extra={**record_context(record.topic, record.partition, record.offset),
                            "code": failure.reason})
-        await self._publisher.dead_letter(record, failure.reason, failure.detail)
+        await self._publisher.dead_letter(record, failure.reason, failure.detail, ticket)
         if failure.envelope is None:
             self._stats.failed("dead_letter")
         else:  # it names itself: tell its producer too
             error = RequestError("invalid_request", failure.detail)
-            await self._reject(record, failure.envelope.request_id,
+            await self._reject(record, ticket, failure.envelope.request_id,
                                failure.envelope.reply_topic, error, dead_lettered=True)
 
-    async def _unprocessable(self, record: ConsumerRecord, request: GenerationRequest,
-                             exc: Exception) -> None:
+    async def _unprocessable(self, record: ConsumerRecord, ticket: Ticket,
+                             request: GenerationRequest, exc: Exception) -> None:
         """A request that decoded but whose preparation raised what no rule foresaw: kept
         in the dead-letter topic for inspection, its producer told, the worker going on."""
         detail = f"could not be prepared: {type(exc).__name__}: {exc}"
@@ -191,11 +181,12 @@ class Ingest:
                     record.offset, detail, exc_info=exc,
                     extra={**record_context(record.topic, record.partition, record.offset,
                                             request.request_id), "code": "unprocessable"})
-        await self._publisher.dead_letter(record, "unprocessable", detail)
-        await self._reject(record, request.request_id, request.reply_topic,
+        await self._publisher.dead_letter(record, "unprocessable", detail, ticket)
+        await self._reject(record, ticket, request.request_id, request.reply_topic,
                            RequestError("invalid_request", detail), dead_lettered=True)
 
-    async def _reject(self, record: ConsumerRecord, request_id: str, reply_topic: str,
+    async def _reject(self, record: ConsumerRecord, ticket: Ticket, request_id: str,
+                      reply_topic: str,
                       exc: RequestError, *, dead_lettered: bool = False) -> None:
         log.info("request %s rejected: %s: %s", request_id, exc.code, exc.message,
                  extra={**record_context(record.topic, record.partition, record.offset,
@@ -207,7 +198,5 @@ class Ingest:
             # and keep the original for inspection.
             topic = self._preparer.reply_topic_default
             if not dead_lettered:
-                await self._publisher.dead_letter(record, exc.code, exc.message)
-        tp = TopicPartition(record.topic, record.partition)
-        await self._publisher.reject(topic, request_id, tp, record.offset, exc.code,
-                                     exc.message)
+                await self._publisher.dead_letter(record, exc.code, exc.message, ticket)
+        await self._publisher.reject(topic, request_id, ticket, exc.code, exc.message)

@@ -38,11 +38,13 @@ from aiokafka.structs import ConsumerRecord
 from streamproc import wire
 from streamproc.channel import Job
 from streamproc.engine.sequence import TokenEvent
+from streamproc.flow.ledger import Ticket
 from streamproc.logs import record_context
 from streamproc.metrics.stats import WorkerStats
 
 log = logging.getLogger(__name__)
-OnAcked = Callable[[TopicPartition, int], None]
+OnAcked = Callable[[Ticket], None]
+OnFailed = Callable[[Ticket, BaseException], None]
 StreamKey = tuple[TopicPartition, int, str]
 
 
@@ -98,7 +100,7 @@ class ChunkPacing:
 
 class Publisher:
     def __init__(self, producer: AIOKafkaProducer, dead_letter_topic: str,
-                 on_acked: OnAcked, *, coalesce: bool = True,
+                 on_acked: OnAcked, on_failed: OnFailed, *, coalesce: bool = True,
                  pacing: ChunkPacing = ChunkPacing(),
                  stats: WorkerStats | None = None) -> None:
         """``coalesce``: merge a stream's tokens while its previous chunk is unacknowledged
@@ -107,6 +109,7 @@ class Publisher:
         self._producer = producer
         self._dead_letter_topic = dead_letter_topic
         self._on_acked = on_acked
+        self._on_failed = on_failed
         self._coalesce = coalesce
         self._pacing = pacing
         self._stats = stats or WorkerStats()
@@ -139,20 +142,21 @@ class Publisher:
         await self._finish(job, stream, wire.ErrorMessage(
             job.request_id, stream.take_seq(), code, message, retriable, job.attempt))
 
-    async def reject(self, reply_topic: str, request_id: str, tp: TopicPartition, offset: int,
+    async def reject(self, reply_topic: str, request_id: str, ticket: Ticket,
                      code: str, message: str) -> None:
         """Answer a request that never became a job (it failed validation)."""
         ack = await self._send(reply_topic, request_id,
                                wire.ErrorMessage(request_id, 0, code, message, False))
-        self._track(ack, tp, offset)
+        self._track(ack, ticket)
 
-    async def dead_letter(self, record: ConsumerRecord, reason: str, detail: str) -> None:
+    async def dead_letter(self, record: ConsumerRecord, reason: str, detail: str,
+                          ticket: Ticket) -> None:
         letter = wire.DeadLetter(reason=reason, detail=detail, topic=record.topic,
                                  partition=record.partition, offset=record.offset,
                                  original=record.value or b"", key=record.key)
         ack = await self._producer.send(self._dead_letter_topic, wire.encode(letter),
                                         key=record.key)
-        self._track(ack, TopicPartition(record.topic, record.partition), record.offset)
+        self._track(ack, ticket)
 
     async def flush(self) -> None:
         """Wait until every queued message is acknowledged (or failed)."""
@@ -199,7 +203,7 @@ class Publisher:
                       final: wire.FinalMessage | wire.ErrorMessage) -> None:
         self._streams.pop(_key(job), None)
         ack = await self._send(job.reply_topic, job.request_id, final, stream.partition)
-        self._track(ack, job.tp, job.offset)
+        self._track(ack, job.ticket)
 
     async def _send(self, topic: str, request_id: str, message: wire.ResponseMessage,
                     partition: int | None = None) -> asyncio.Future[object]:
@@ -207,22 +211,24 @@ class Publisher:
             topic, wire.encode(message), key=request_id.encode(), partition=partition)
         return future
 
-    def _track(self, ack: asyncio.Future[object], tp: TopicPartition, offset: int) -> None:
-        task = asyncio.ensure_future(self._await_ack(ack, tp, offset))
+    def _track(self, ack: asyncio.Future[object], ticket: Ticket) -> None:
+        task = asyncio.ensure_future(self._await_ack(ack, ticket))
         self._acks.add(task)
         task.add_done_callback(self._acks.discard)
 
-    async def _await_ack(self, ack: asyncio.Future[object], tp: TopicPartition,
-                         offset: int) -> None:
+    async def _await_ack(self, ack: asyncio.Future[object], ticket: Ticket) -> None:
         try:
             await ack
-        except Exception:
-            # Not marked done: the record is read again after a restart or rebalance.
-            log.exception("publish failed for %s[%d]@%d; it will be redelivered", tp.topic,
-                          tp.partition, offset,
-                          extra=record_context(tp.topic, tp.partition, offset))
+        except Exception as exc:
+            # The producer retried until its delivery timeout: the broker would not take
+            # it. Never silent: the record's watermark would stop there for good.
+            log.error("publish failed for %s[%d]@%d: %r", ticket.tp.topic,
+                      ticket.tp.partition, ticket.offset, exc,
+                      extra=record_context(ticket.tp.topic, ticket.tp.partition,
+                                           ticket.offset))
+            self._on_failed(ticket, exc)
             return
-        self._on_acked(tp, offset)
+        self._on_acked(ticket)
 
 
 def _key(job: Job) -> StreamKey:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamproc import kafka, wire
@@ -32,9 +32,8 @@ from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel, load_tokenizer
 from streamproc.engine.sequence import unserved_event
 from streamproc.engine.threads import apply_serving_threads, usable_cores
-from streamproc.errors import ConfigError
-from streamproc.flow.budget import InflightBudget
-from streamproc.flow.checkpoint import Checkpoint
+from streamproc.errors import ConfigError, PublishError
+from streamproc.flow.ledger import Ledger, Ticket
 from streamproc.ingest.consumer import Ingest
 from streamproc.ingest.control import CancelledIds, ControlListener
 from streamproc.ingest.prepare import Preparer
@@ -43,6 +42,7 @@ from streamproc.metrics.prometheus import LiveGauges, WorkerCollector, serve
 from streamproc.metrics.stats import WorkerStats
 from streamproc.metrics.trace import StepTrace
 from streamproc.publish.publisher import ChunkPacing, Publisher
+from streamproc.worker.commits import Committer
 from streamproc.worker.engine_process import EngineProcess, EngineSpec
 from streamproc.worker.engine_thread import EngineThread
 from streamproc.worker.serving import ServingLoop
@@ -55,8 +55,7 @@ class Worker:
     def __init__(self, config: WorkerConfig, loaded: LoadedModel) -> None:
         self.config = config
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.checkpoint = Checkpoint()
-        self.budget = InflightBudget(config.max_inflight, config.max_inflight_tokens)
+        self.ledger = Ledger(config.max_inflight, config.max_inflight_tokens)
         self.stats = WorkerStats()
         self.waiting = WaitingQueue(len(config.topics.requests))
         self.cancelled = CancelledIds()
@@ -67,13 +66,14 @@ class Worker:
                                         max_poll_records=config.max_inflight)
         pacing = ChunkPacing(config.chunk_rate, config.itl_target_ms / 1000 / 2)
         self._publisher = Publisher(self._producer, config.topics.dead_letter, self._done,
+                                    self._publish_failed,
                                     coalesce=config.coalesce, pacing=pacing,
                                     stats=self.stats)
         preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
                             config.max_new_tokens_cap, config.topics,
                             max_prompt_tokens=config.max_prompt_tokens)
-        self.ingest = Ingest(self._consumer, preparer, self.waiting, self.checkpoint,
-                             self.budget, self._publisher, self.stats,
+        self.ingest = Ingest(self._consumer, preparer, self.waiting, self.ledger,
+                             self._publisher, self.stats,
                              lanes=config.topics.requests, lane_backlog=config.lane_backlog,
                              cancelled=self.cancelled,
                              max_message_bytes=config.max_message_bytes)
@@ -98,8 +98,12 @@ class Worker:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._answers: set[asyncio.Task[None]] = set()
         self._stopped = False
+        self._committer = Committer(self._consumer, self.ledger, config.close_timeout_s)
+        self._fatal: asyncio.Future[None] | None = None
+        """Failed by what no stage can carry on from (a publish the broker refused)."""
 
     async def start(self) -> None:
+        self._fatal = asyncio.get_running_loop().create_future()
         if not self.config.engine_process:  # else the engine's process sizes its own pool
             threads = apply_serving_threads(self._device, self.config.torch_threads)
             if threads is not None:
@@ -137,7 +141,9 @@ class Worker:
 
     async def wait_failed(self) -> None:
         """Return (raising its error) when any stage task ends on its own."""
-        done, _ = await asyncio.wait(self._tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+        fatal = [self._fatal] if self._fatal is not None else []
+        done, _ = await asyncio.wait([*self._tasks.values(), *fatal],
+                                     return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             task.result()
 
@@ -177,16 +183,7 @@ class Worker:
         ), self.config.close_timeout_s)
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
-        offsets = self.checkpoint.committable(only)
-        if not offsets:
-            return
-        try:
-            await self._consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            # The group moved on (rebalance); the new owner re-reads from the last commit.
-            log.warning("commit of %d partitions failed: %s", len(offsets), exc)
-            return
-        self.checkpoint.committed(offsets)
+        await self._committer.commit(only)
 
     def cancel(self, request_id: str) -> None:
         """Cancel ``request_id`` wherever it is here: waiting, running, or not read yet."""
@@ -212,7 +209,7 @@ class Worker:
             tokens_per_s=self.stats.rate.tokens_per_s,
             avg_tokens_per_request=self.stats.avg_tokens_per_request,
             running=self.serving.running, waiting=len(self.waiting),
-            held_requests=self.budget.requests, paused=self.ingest.paused)
+            held_requests=self.ledger.requests, paused=self.ingest.paused)
 
     def gauges(self) -> LiveGauges:
         """Called on the metrics thread: reads plain attributes only."""
@@ -222,7 +219,7 @@ class Worker:
                    "reserved": torch.cuda.memory_reserved(self._device)}
         return LiveGauges(
             running=self.serving.running, waiting=len(self.waiting),
-            inflight_requests=self.budget.requests, inflight_tokens=self.budget.tokens,
+            inflight_requests=self.ledger.requests, inflight_tokens=self.ledger.tokens,
             kv_cache_tokens=self.serving.kv_tokens,
             batch_window_s=self.policy.window_s, admission_size=self.policy.admit_size,
             running_cap=self.policy.running_cap,
@@ -244,9 +241,17 @@ class Worker:
                 log.warning("lag not refreshed: %s", exc)
             await asyncio.sleep(self.config.lag_interval_s)
 
-    def _done(self, tp: TopicPartition, offset: int) -> None:
-        self.checkpoint.done(tp, offset)
-        self.budget.release((tp, offset))
+    def _done(self, ticket: Ticket) -> None:
+        self.ledger.done(ticket)
+
+    def _publish_failed(self, ticket: Ticket, exc: BaseException) -> None:
+        """A terminal message the broker would not take: the worker fails, loudly, and
+        its partitions' next owner serves the record again. (Of an earlier assignment:
+        already someone else's to serve.)"""
+        if self._fatal is not None and self.ledger.owns(ticket) and not self._fatal.done():
+            self._fatal.set_exception(PublishError(
+                f"publishing for {ticket.tp.topic}[{ticket.tp.partition}]@{ticket.offset} "
+                f"failed after the producer's retries: {exc!r}"))
 
     async def _status_loop(self) -> None:
         while True:
@@ -260,16 +265,10 @@ class Worker:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         dropped = self.waiting.drop(revoked)
         abandoned = self.serving.abandon(revoked)
-        self.budget.release_partitions(revoked)
         # Bounded as at shutdown: a flush stuck on an unreachable partition leader would
         # hold up the whole group's rebalance, and past its timeout get this worker expelled.
         # What is not committed is served again by the new owner (at least once).
-        await kafka.steps_within((
-            ("rebalance: flushing published messages", self._publisher.flush),
-            ("rebalance: committing offsets", lambda: self.commit(revoked)),
-        ), self.config.close_timeout_s)
-        self.checkpoint.forget(revoked)
-        self.ingest.forget(revoked)
+        await self._committer.revoke(revoked, self._publisher.flush)
         log.info("partitions revoked: %s; %d waiting and %d running requests handed back",
                  sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked), len(dropped),
                  abandoned)
@@ -300,6 +299,7 @@ class _Revoke(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._worker.on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._worker.ledger.assign(set(assigned))
         log.info("partitions assigned: %s",
                  sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
