@@ -53,3 +53,25 @@ async def test_running_waiting_and_unread_requests_are_cancelled(
     assert (early.finish_reason, early.usage.completion_tokens) == ("cancelled", 0)
     assert served.usage.completion_tokens == 3
     assert worker.stats.outcomes["cancelled"] == 3
+
+
+async def test_a_cancel_published_before_any_worker_started_still_cancels(
+        worker_config: WorkerConfig, loaded_model: LoadedModel) -> None:
+    """The request waits in Kafka and is cancelled there (no worker runs: a takeover in
+    progress, or a scaled-down group); the worker that starts afterwards never runs it."""
+    config = worker_config
+    async with StreamprocClient(config.bootstrap, request_topic=config.topics.requests[0],
+                                reply_topic=config.topics.responses,
+                                control_topic=config.topics.control) as client:
+        doomed = await client.submit("cancelled while it waited", params=LONG)
+        kept = await client.submit("served", params=wire.GenerationParams(max_new_tokens=3))
+        await client.cancel(doomed.request_id)
+        worker = Worker(config, loaded_model)
+        await worker.start()
+        try:
+            cancelled = await asyncio.wait_for(doomed.result(), 60)
+            served = await asyncio.wait_for(kept.result(), 60)
+        finally:
+            await worker.stop()
+    assert (cancelled.finish_reason, cancelled.usage.completion_tokens) == ("cancelled", 0)
+    assert served.usage.completion_tokens == 3

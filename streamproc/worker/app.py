@@ -185,16 +185,21 @@ class Worker:
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         await self._committer.commit(only)
 
-    def cancel(self, request_id: str) -> None:
-        """Cancel ``request_id`` wherever it is here: waiting, running, or not read yet."""
-        self.cancelled.add(request_id)
-        for job in self.waiting.remove(lambda j: j.request_id == request_id):
+    def cancel(self, request_id: str, published_at: float | None = None) -> None:
+        """Cancel ``request_id`` wherever it is here: waiting, running, or not read yet
+        (remembered from ``published_at``, wall-clock seconds; default now)."""
+        self.cancelled.add(request_id, published_at)
+        waiting = self.waiting.remove(lambda j: j.request_id == request_id)
+        for job in waiting:
             task = asyncio.create_task(self.answer_cancelled(job))
             self._answers.add(task)
             task.add_done_callback(self._answers.discard)
         running = self.serving.cancel(request_id)
-        log.info("cancel %s: %d running", request_id, running,
-                 extra={"request_id": request_id})
+        # At start the worker reads back an hour of cancellations, most of them for
+        # requests long finished: only those that stop something here are news.
+        log.log(logging.INFO if waiting or running else logging.DEBUG,
+                "cancel %s: %d waiting, %d running", request_id, len(waiting), running,
+                extra={"request_id": request_id})
 
     async def answer_cancelled(self, job: Job) -> None:
         """A final ``cancelled`` for a job that never ran."""
