@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from streamproc import topics
 from streamproc.cli.main import build_parser
-from streamproc.config import WorkerConfig
+from streamproc.config import KafkaSecurity, WorkerConfig
 from streamproc.flow.lag import PartitionLag, Throughput
 from streamproc.logs import JsonFormatter
 from streamproc.metrics.lag_monitor import LagReport
@@ -128,6 +128,47 @@ def test_kubernetes_scaling_fits_the_declared_topics_and_config() -> None:
     assert "nvidia.com/gpu" in container["resources"]["requests"]
     assert docs["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > \
         WorkerConfig().drain_timeout_s + WorkerConfig().close_timeout_s
+
+
+KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256",
+             "SCRAM-SHA-512": "scram_sha512"}
+
+
+def test_workers_and_the_scaler_read_one_set_of_kafka_credentials(tmp_path: Path) -> None:
+    docs = kubernetes()
+    secret = docs["Secret"]
+    values = secret["stringData"]
+    auth = docs["TriggerAuthentication"]
+    for trigger in docs["ScaledObject"]["spec"]["triggers"]:
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    refs = auth["spec"]["secretTargetRef"]
+    assert {r["parameter"] for r in refs} >= {"sasl", "tls", "username", "password", "ca"}
+    assert all(r["name"] == secret["metadata"]["name"] and r["key"] in values for r in refs)
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {}
+    for item in container["env"]:
+        if "valueFrom" in item:
+            ref = item["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"] in values) == (secret["metadata"]["name"], True)
+            env[item["name"]] = values[ref["key"]]
+        else:
+            env[item["name"]] = item["value"]
+    [volume] = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    # The password file the worker is pointed at is the Secret's key, mounted.
+    password_file = Path(env["STREAMPROC_SASL_PASSWORD_FILE"])
+    assert password_file.parent == Path(mount["mountPath"])
+    assert password_file.name in values
+    (tmp_path / password_file.name).write_text(values[password_file.name])
+    env["STREAMPROC_SASL_PASSWORD_FILE"] = str(tmp_path / password_file.name)
+    security = KafkaSecurity.from_env(env)  # what the worker would run with: valid
+    # ... and the scaler connects the same way.
+    sasl = KEDA_SASL[security.sasl_mechanism] if security.protocol.startswith("SASL") \
+        else "none"
+    assert values["keda-sasl"] == sasl
+    assert values["keda-tls"] == ("enable" if security.protocol.endswith("SSL") else "disable")
 
 
 def test_json_logs_carry_the_record_context() -> None:
