@@ -127,3 +127,11 @@ async def test_submit_reads_piped_prompts_and_refuses_bytes_that_are_not_utf8() 
     code, _, err = await run_cli("submit", "--bootstrap", NOWHERE)
     assert code == Exit.USAGE
     assert "pipe prompts in" in err
+
+
+async def test_a_local_broker_port_in_use_is_one_line_and_exit_6(taken_port: int,
+                                                                  tmp_path: Path) -> None:
+    code, _, err = await run_cli("local-kafka", "start", "--port", str(taken_port),
+                                 "--state-dir", str(tmp_path))
+    assert code == Exit.PORT
+    assert f"127.0.0.1:{taken_port} is in use" in one_line(err)

@@ -11,6 +11,7 @@ from streamproc import asyncapi, topics, wire
 from streamproc.cli.common import add_bootstrap, bootstrap, run, security
 from streamproc.devtools import localkafka
 from streamproc.engine.tiny import make_tiny_model
+from streamproc.worker.preflight import port_is_free
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -78,6 +79,8 @@ def _local_kafka(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr)
 
     if args.action == "start":
+        if args.port:  # say so in one line, not after Kafka's own failure to bind
+            port_is_free("127.0.0.1", args.port, "broker port (--port)")
         state = localkafka.start(args.state_dir, port=args.port, progress=progress)
         print(state.bootstrap)
         return 0

@@ -19,7 +19,7 @@ async def preflight(config: WorkerConfig) -> None:
     await topics_exist(config)
 
 
-def port_is_free(address: str, port: int) -> None:
+def port_is_free(address: str, port: int, what: str = "metrics port") -> None:
     """Raise the ``EADDRINUSE`` error serving on ``address:port`` would meet (0: none)."""
     if not port:
         return
@@ -30,8 +30,7 @@ def port_is_free(address: str, port: int) -> None:
             probe.bind((address, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise OSError(errno.EADDRINUSE,
-                              f"metrics port {address}:{port} is in use") from exc
+                raise OSError(errno.EADDRINUSE, f"{what} {address}:{port} is in use") from exc
             raise
 
 
