@@ -45,8 +45,13 @@ _MESSAGES: dict[Role, list[_Message]] = {
                              "the original record's key")],
     "status": [_Message("WorkerStatus", wire.WorkerStatus,
                         "What a worker reports about itself (compacted).", "the worker id")],
+    "attempts": [_Message("AttemptMark", wire.AttemptMark,
+                          "How many times a worker died running a record (compacted; a "
+                          "null value once the record is done).",
+                          "topic/partition/offset of the request record")],
 }
 _WORKER_RECEIVES: frozenset[Role] = frozenset({"requests", "control"})
+# The attempts topic is both: a worker reads it whole and writes it; described as sent.
 
 
 def document(specs: list[TopicSpec]) -> dict[str, Any]:

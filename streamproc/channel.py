@@ -33,6 +33,13 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     """This processing of the record; a redelivery after a crash gets a new one."""
+    deaths: int = 0
+    """How many times a worker died while this record ran in its engine (the attempts
+    topic): a record with any is a suspect, and runs alone."""
+
+    @property
+    def suspect(self) -> bool:
+        return self.deaths > 0
 
     @property
     def request_id(self) -> str:
@@ -73,10 +80,17 @@ class WaitingQueue:
         self._lanes[rank].append(job)
         self._arrived.set()
 
-    def take(self, count: int) -> list[Job]:
+    def take(self, count: int, running: int = 0) -> list[Job]:
+        """Up to ``count`` jobs from the head, highest lane first. A suspect (see
+        :attr:`Job.suspect`) is taken only alone, into an empty engine (``running`` 0):
+        jobs behind it wait until it is done."""
         taken: list[Job] = []
         for lane in self._lanes:
             while lane and len(taken) < count:
+                if lane[0].suspect:
+                    if not taken and not running:
+                        taken.append(lane.popleft())
+                    return taken
                 taken.append(lane.popleft())
         return taken
 

@@ -121,6 +121,9 @@ class TopicNames:
     """Where workers report throughput and load, for lag estimates and producers."""
     control: str = "streamproc.control"
     """Where cancellations go; every worker reads all of it."""
+    attempts: str = "streamproc.attempts"
+    """Compacted: how many times each record was running when its worker died (poison
+    detection survives the crash); empty: not counted."""
     allowed_reply_topics: tuple[str, ...] = ()
     """Extra reply topics a request may name; ``responses`` is always allowed."""
     allowed_reply_pattern: str = ""
@@ -128,6 +131,7 @@ class TopicNames:
 
     def reply_allowed(self, topic: str) -> bool:
         if topic.startswith("__") or topic in (self.dead_letter, self.status, self.control,
+                                               self.attempts,
                                                *self.requests):
             return False  # never Kafka's internal topics or streamproc's own
         if topic == self.responses or topic in self.allowed_reply_topics:
@@ -225,6 +229,9 @@ class WorkerConfig:
     trace_file: str = ""
     """Write every engine step and controller decision here as JSON lines (diagnosis;
     empty: off)."""
+    poison_attempts: int = 3
+    """A record that was running in the engine each of the last this many times its worker
+    died is dead-lettered as ``poison`` (with an error reply) instead of served again."""
     reply_topic_pattern: str = ""
     """A regular expression of extra reply topics jobs may name (beyond ``topics``)."""
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
@@ -245,6 +252,7 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         self._check_positive("max_batch_size", "max_batch_tokens", "max_new_tokens_cap")
         self._check_positive("max_inflight", "max_message_bytes", "max_inflight_tokens",
+                             "poison_attempts",
                              "max_prompt_tokens", "lane_backlog",
                              "status_interval_s", "lag_interval_s")
         if self.linger_ms < 0:

@@ -129,6 +129,18 @@ class CancelRequest(msgspec.Struct, frozen=True):
     at: float = msgspec.field(default_factory=time.time)
 
 
+class AttemptMark(msgspec.Struct, frozen=True):
+    """On the attempts topic, keyed ``topic/partition/offset`` of a request record: how many
+    times a worker was running it in the engine when it died. Removed (a tombstone) once
+    the record is done; a worker reads the whole topic when it starts."""
+
+    topic: str
+    partition: int
+    offset: int
+    attempts: int
+    at: float = msgspec.field(default_factory=time.time)
+
+
 class WorkerStatus(msgspec.Struct, frozen=True):
     """What each worker reports about itself on the status topic, keyed by ``worker_id``."""
 
@@ -162,6 +174,7 @@ response_decoder = msgspec.json.Decoder(ResponseMessage)
 dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
 status_decoder = msgspec.json.Decoder(WorkerStatus)
 cancel_decoder = msgspec.json.Decoder(CancelRequest)
+attempt_decoder = msgspec.json.Decoder(AttemptMark)
 _encoder = msgspec.json.Encoder()
 
 
@@ -183,4 +196,5 @@ def json_schemas() -> dict[str, dict[str, object]]:
         "dead_letter": msgspec.json.schema(DeadLetter),
         "status": msgspec.json.schema(WorkerStatus),
         "cancel": msgspec.json.schema(CancelRequest),
+        "attempt": msgspec.json.schema(AttemptMark),
     }

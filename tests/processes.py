@@ -19,6 +19,8 @@ def write_topics_file(directory: Path, names: TopicNames) -> Path:
     entries = [(t, "requests") for t in names.requests]
     entries += [(names.responses, "responses"), (names.dead_letter, "dead_letter"),
                 (names.status, "status"), (names.control, "control")]
+    if names.attempts:
+        entries.append((names.attempts, "attempts"))
     # Lanes are written highest first, with falling priorities, to keep their order.
     body = "".join(f'[[topic]]\nname = "{name}"\nrole = "{role}"\npartitions = 4\n'
                    f'priority = {-i}\n\n' for i, (name, role) in enumerate(entries))

@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help=_help("most requests held before pausing ({})", "max_inflight"))
     p.add_argument("--max-new-tokens-cap", type=int,
                    help=_help("cap on max_new_tokens ({})", "max_new_tokens_cap"))
+    p.add_argument("--poison-attempts", type=int, help=_help(
+        "dead-letter a record the worker died running this many times in a row ({})",
+        "poison_attempts"))
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, help=_help(
         "seconds to finish running requests on shutdown ({})", "drain_timeout_s"))
     p.add_argument("--close-timeout", dest="close_timeout_s", type=float, help=_help(

@@ -20,8 +20,9 @@ from streamproc.errors import RequestError
 from streamproc.flow.ledger import Ledger, Ticket
 from streamproc.flow.priority import lanes_to_pause
 from streamproc.flow.shedding import cannot_meet_deadline
+from streamproc.ingest.attempts import AttemptLog
 from streamproc.ingest.control import CancelledIds
-from streamproc.ingest.decode import Undecodable, decode_request
+from streamproc.ingest.decode import Undecodable, decode_request, envelope_of
 from streamproc.ingest.prepare import Preparer
 from streamproc.logs import record_context
 from streamproc.metrics.stats import WorkerStats
@@ -36,7 +37,8 @@ class Ingest:
     def __init__(self, consumer: AIOKafkaConsumer, preparer: Preparer, waiting: WaitingQueue,
                  ledger: Ledger, publisher: Publisher,
                  stats: WorkerStats, *, lanes: tuple[str, ...], lane_backlog: int,
-                 cancelled: CancelledIds, max_message_bytes: int) -> None:
+                 cancelled: CancelledIds, max_message_bytes: int,
+                 attempts: AttemptLog, poison_attempts: int) -> None:
         self._consumer = consumer
         self._preparer = preparer
         self._waiting = waiting
@@ -47,6 +49,7 @@ class Ingest:
         self._lanes = lanes
         self._lane_backlog = lane_backlog
         self._cancelled = cancelled
+        self._attempts, self._poison_attempts = attempts, poison_attempts
         self.paused = False
         self.paused_partitions = 0
         """Read by the metrics thread: a plain int, updated on the event loop."""
@@ -123,6 +126,10 @@ class Ingest:
 
     async def _route(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         ticket = self._ledger.read(tp, record.offset)
+        deaths = self._attempts.count(ticket)
+        if deaths >= self._poison_attempts:
+            await self._poison(record, ticket, deaths)
+            return
         request = decode_request(record.value, self._max_bytes)
         if isinstance(request, Undecodable):
             await self._undecodable(record, ticket, request)
@@ -136,7 +143,7 @@ class Ingest:
             await self._unprocessable(record, ticket, request, exc)
             return
         self._stats.kafka_wait.observe(max(0.0, time.time() - prepared.origin_ts))
-        job = Job(prepared, ticket, self._preparer.reply_topic(request))
+        job = Job(prepared, ticket, self._preparer.reply_topic(request), deaths=deaths)
         if request.request_id in self._cancelled:  # cancelled before it was read
             await self._answer(job, "cancelled")
             return
@@ -171,6 +178,23 @@ class Ingest:
             error = RequestError("invalid_request", failure.detail)
             await self._reject(record, ticket, failure.envelope.request_id,
                                failure.envelope.reply_topic, error, dead_lettered=True)
+
+    async def _poison(self, record: ConsumerRecord, ticket: Ticket, deaths: int) -> None:
+        """A record its workers kept dying on: kept for inspection, its producer told, and
+        the group goes on past it."""
+        detail = (f"the worker died each of the last {deaths} times this request ran in "
+                  "its engine; it is not served again")
+        log.error("dead letter from %s[%d]@%d: poison: %s", record.topic, record.partition,
+                  record.offset, detail,
+                  extra={**record_context(record.topic, record.partition, record.offset),
+                         "code": "poison"})
+        await self._publisher.dead_letter(record, "poison", detail, ticket)
+        envelope = envelope_of(record.value)
+        if envelope is None:
+            self._stats.failed("poison")
+            return
+        await self._reject(record, ticket, envelope.request_id, envelope.reply_topic,
+                           RequestError("poison", detail), dead_lettered=True)
 
     async def _unprocessable(self, record: ConsumerRecord, ticket: Ticket,
                              request: GenerationRequest, exc: Exception) -> None:

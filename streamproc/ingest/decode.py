@@ -38,6 +38,11 @@ def decode_request(value: bytes | None, max_bytes: int) -> wire.GenerationReques
         return Undecodable("undecodable", f"{type(exc).__name__}: {exc}")
 
 
+def envelope_of(value: bytes | None) -> wire.RequestEnvelope | None:
+    """Who a record says it is, if it says so; never raises."""
+    return _envelope(value) if value else None
+
+
 def _envelope(value: bytes) -> wire.RequestEnvelope | None:
     try:
         return wire.envelope_decoder.decode(value)

@@ -34,6 +34,7 @@ from streamproc.engine.sequence import unserved_event
 from streamproc.engine.threads import apply_serving_threads, usable_cores
 from streamproc.errors import ConfigError, PublishError
 from streamproc.flow.ledger import Ledger, Ticket
+from streamproc.ingest.attempts import AttemptLog
 from streamproc.ingest.consumer import Ingest
 from streamproc.ingest.control import CancelledIds, ControlListener
 from streamproc.ingest.prepare import Preparer
@@ -64,6 +65,9 @@ class Worker:
         self._consumer = kafka.consumer(config.bootstrap, security=config.security,
                                         group_id=config.group_id,
                                         max_poll_records=config.max_inflight)
+        self.attempts = AttemptLog(
+            kafka.consumer(config.bootstrap, security=config.security, group_id=None),
+            self._producer, config.topics.attempts)
         pacing = ChunkPacing(config.chunk_rate, config.itl_target_ms / 1000 / 2)
         self._publisher = Publisher(self._producer, config.topics.dead_letter, self._done,
                                     self._publish_failed,
@@ -76,7 +80,8 @@ class Worker:
                              self._publisher, self.stats,
                              lanes=config.topics.requests, lane_backlog=config.lane_backlog,
                              cancelled=self.cancelled,
-                             max_message_bytes=config.max_message_bytes)
+                             max_message_bytes=config.max_message_bytes,
+                             attempts=self.attempts, poison_attempts=config.poison_attempts)
         self.controller, self.policy = _batch_policy(config)
         self._trace = StepTrace(Path(config.trace_file)) if config.trace_file else None
         self.serving = ServingLoop(_engine_runner(config, loaded), self.waiting,
@@ -84,7 +89,10 @@ class Worker:
                                    controller=self.controller,
                                    lag=self._backlog,
                                    prefill_chunk_tokens=config.prefill_chunk_tokens,
-                                   trace=self._trace)
+                                   trace=self._trace,
+                                   on_admit=lambda job: self.attempts.admitted(job.ticket,
+                                                                               job.deaths),
+                                   on_handback=self._handed_back)
         self._device = loaded.device
         self._control = ControlListener(
             kafka.consumer(config.bootstrap, security=config.security, group_id=None),
@@ -114,6 +122,9 @@ class Worker:
         await self._consumer.start()
         control = self.config.topics.control
         await self._control.start(await self._producer.partitions_for(control))
+        if self.attempts.enabled:
+            await self.attempts.start(
+                await self._producer.partitions_for(self.config.topics.attempts))
         # Started here, not in its loop: a stop that cancelled the loop while the monitor
         # still connected would leave its connection open.
         await self._monitor.start()
@@ -126,6 +137,8 @@ class Worker:
             "lag": asyncio.create_task(self._lag_loop(), name="lag"),
             "control": asyncio.create_task(self._control.run(), name="control"),
         }
+        if self.attempts.enabled:
+            self._tasks["attempts"] = asyncio.create_task(self.attempts.run(), name="attempts")
         if self.config.metrics_port:
             self._metrics_server = serve(self.registry, self.config.metrics_address,
                                          self.config.metrics_port)
@@ -154,10 +167,12 @@ class Worker:
         self._stopped = True
         await _cancel(self._tasks.pop("ingest", None))
         await _cancel(self._tasks.pop("control", None))
+        await _cancel(self._tasks.pop("attempts", None))
         handed_back = self.waiting.drop()
         log.info("stopping: %d waiting requests handed back, %d running to drain",
                  len(handed_back), self.serving.running)
-        await self.serving.drain(self.config.drain_timeout_s)
+        if not await self.serving.drain(self.config.drain_timeout_s):
+            self.serving.hand_back_running()
         for name in ("serving", "commit", "status", "lag"):
             await _cancel(self._tasks.pop(name, None))
         if self._metrics_server is not None:
@@ -179,6 +194,7 @@ class Worker:
             ("shutdown: closing the lag monitor", self._monitor.stop),
             ("shutdown: closing the consumer", self._consumer.stop),
             ("shutdown: closing the control listener", self._control.stop),
+            ("shutdown: closing the attempts log", self.attempts.stop),
             ("shutdown: closing the producer", self._producer.stop),
         ), self.config.close_timeout_s)
 
@@ -247,7 +263,13 @@ class Worker:
             await asyncio.sleep(self.config.lag_interval_s)
 
     def _done(self, ticket: Ticket) -> None:
-        self.ledger.done(ticket)
+        if self.ledger.done(ticket):
+            self.attempts.done(ticket)
+
+    def _handed_back(self, job: Job) -> None:
+        """A running job left cleanly (its partition moved, or the drain ran out of time):
+        no death to count against it."""
+        self.attempts.handed_back(job.ticket, job.deaths)
 
     def _publish_failed(self, ticket: Ticket, exc: BaseException) -> None:
         """A terminal message the broker would not take: the worker fails, loudly, and

@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from multiprocessing.connection import Connection
 
@@ -38,6 +39,7 @@ from streamproc import logs
 from streamproc.config import Device
 from streamproc.engine.engine import Engine
 from streamproc.engine.loader import load_model
+from streamproc.engine.sequence import PreparedRequest
 from streamproc.engine.threads import apply_serving_threads
 from streamproc.errors import EngineError
 from streamproc.logs import LogFormat
@@ -232,8 +234,27 @@ def main(argv: list[str]) -> int:
     with suppress(OSError):  # the worker's end closed mid-send: it is gone, and so are we
         engine = start_engine(lambda: _build(launch.spec), send)
         if engine is not None:
-            EngineSide(engine, launch.ahead, send).serve(_PipeInbox(commands))
+            EngineSide(engine, launch.ahead, send,
+                       before_step=_crash_hook()).serve(_PipeInbox(commands))
     return 0
+
+
+CRASH_MARKER_ENV = "STREAMPROC_TEST_CRASH_MARKER"
+"""Tests only: a prompt holding this text kills the engine's process as it is admitted,
+as a kernel bug or an out-of-memory kill would (see the attempts topic). Unset in any
+real deployment; the worker's own environment is where it would have to be set."""
+
+
+def _crash_hook() -> Callable[[list[PreparedRequest]], None]:
+    marker = os.environ.get(CRASH_MARKER_ENV, "")
+
+    def crash_on_marker(admitted: list[PreparedRequest]) -> None:
+        if marker and any(marker in str(p.request.prompt) for p in admitted):
+            log.error("a prompt holds %s's marker: the engine process dies, on purpose",
+                      CRASH_MARKER_ENV)
+            os._exit(86)
+
+    return crash_on_marker
 
 
 def _build(spec: EngineSpec) -> Engine:

@@ -37,7 +37,7 @@ def port_is_free(address: str, port: int, what: str = "metrics port") -> None:
 async def topics_exist(config: WorkerConfig) -> None:
     names = config.topics
     needed = {*names.requests, names.responses, names.dead_letter, names.status,
-              names.control}
+              names.control, *([names.attempts] if names.attempts else [])}
     client = kafka.admin(config.bootstrap, config.security)
     library = logging.getLogger("aiokafka")
     quiet = library.getEffectiveLevel() > logging.DEBUG

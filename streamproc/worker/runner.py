@@ -95,8 +95,11 @@ Send = Callable[[Reply], None]
 class EngineSide:
     """The engine's end: take commands, step when allowed, answer each step."""
 
-    def __init__(self, engine: Engine, ahead: int, send: Send) -> None:
+    def __init__(self, engine: Engine, ahead: int, send: Send, *,
+                 before_step: Callable[[list[PreparedRequest]], object] = lambda _: None
+                 ) -> None:
         self._engine, self._ahead, self._send = engine, checked_ahead(ahead), send
+        self._before_step = before_step
         self._admitted: list[PreparedRequest] = []
         self._abandon: set[int] = set()
         self._cancel: set[int] = set()
@@ -148,6 +151,7 @@ class EngineSide:
         admitted, abandon, cancel = self._take()
         self._started += 1
         admitted = [p for p in admitted if p.key not in abandon]
+        self._before_step(admitted)
         try:
             result = run_step(self._engine, admitted, abandon, cancel)
         except Exception as exc:  # the loop fails the running requests, then recovers

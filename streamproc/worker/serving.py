@@ -46,8 +46,11 @@ class ServingLoop:
                  publisher: Publishing, stats: WorkerStats, *,
                  controller: AdaptiveController | None = None,
                  lag: Callable[[], int] = lambda: 0, prefill_chunk_tokens: int = 0,
-                 trace: StepTrace | None = None) -> None:
+                 trace: StepTrace | None = None,
+                 on_admit: Callable[[Job], object] = lambda job: None,
+                 on_handback: Callable[[Job], object] = lambda job: None) -> None:
         self._engine = engine
+        self._on_admit, self._on_handback = on_admit, on_handback
         self._chunk_tokens = prefill_chunk_tokens
         self._trace = trace
         self._stats = stats
@@ -104,7 +107,9 @@ class ServingLoop:
         They leave the engine at its next step without a final message."""
         keys = [k for k, job in self._jobs.items() if job.tp in partitions]
         for key in keys:
-            self._publisher.forget(self._jobs.pop(key))
+            job = self._jobs.pop(key)
+            self._publisher.forget(job)
+            self._on_handback(job)
             self._last_token_at.pop(key, None)
         # Also what a publish under way has not reached yet: nothing more of theirs goes out.
         self._outbox = deque((job, e) for job, e in self._outbox if job.tp not in partitions)
@@ -117,14 +122,26 @@ class ServingLoop:
         self._cancelled.update(keys)
         return len(keys)
 
+    def hand_back_running(self) -> list[Job]:
+        """After a drain that ran out of time: the jobs still running, now handed back
+        (their records are served again by the partitions' next owner)."""
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            self._on_handback(job)
+        return jobs
+
     def close(self) -> None:
         self._engine.stop()
 
     async def _iterate(self) -> None:
         decision = self._decide()
-        admitted = [] if self._draining else self._waiting.take(decision.admit)
+        # A suspect runs alone: nothing joins it (see streamproc.ingest.attempts).
+        alone = any(job.suspect for job in self._jobs.values())
+        admitted = [] if self._draining or alone else \
+            self._waiting.take(decision.admit, running=len(self._jobs))
         started = time.monotonic()
         for job in admitted:
+            self._on_admit(job)
             self._jobs[job.prepared.key] = job
             self._stats.engine_queue.observe(started - job.enqueued_at)
         abandon, self._abandoned = frozenset(self._abandoned), set()
