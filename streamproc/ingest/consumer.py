@@ -19,6 +19,7 @@ from streamproc.engine.sequence import PreparedRequest, unserved_event
 from streamproc.errors import RequestError
 from streamproc.flow.ledger import Ledger, Ticket
 from streamproc.flow.priority import lanes_to_pause
+from streamproc.flow.recent import RecentRequests
 from streamproc.flow.shedding import cannot_meet_deadline
 from streamproc.ingest.attempts import AttemptLog
 from streamproc.ingest.control import CancelledIds
@@ -50,6 +51,7 @@ class Ingest:
         self._lane_backlog = lane_backlog
         self._cancelled = cancelled
         self._attempts, self._poison_attempts = attempts, poison_attempts
+        self._recent = RecentRequests()
         self.paused = False
         self.paused_partitions = 0
         """Read by the metrics thread: a plain int, updated on the event loop."""
@@ -134,6 +136,10 @@ class Ingest:
         if isinstance(request, Undecodable):
             await self._undecodable(record, ticket, request)
             return
+        first = self._recent.duplicate_of(tp, request.request_id, record.offset)
+        if first is not None:
+            self._duplicate(record, ticket, request.request_id, first)
+            return
         try:
             prepared = self._preparer.prepare(request, record.timestamp / 1000)
         except RequestError as exc:
@@ -178,6 +184,16 @@ class Ingest:
             error = RequestError("invalid_request", failure.detail)
             await self._reject(record, ticket, failure.envelope.request_id,
                                failure.envelope.reply_topic, error, dead_lettered=True)
+
+    def _duplicate(self, record: ConsumerRecord, ticket: Ticket, request_id: str,
+                   first: int) -> None:
+        """The same job again (a producer's retry): its stream is the first record's."""
+        log.info("request %s at offset %d duplicates offset %d; not served twice", request_id,
+                 record.offset, first,
+                 extra={**record_context(record.topic, record.partition, record.offset,
+                                         request_id), "code": "duplicate"})
+        self._stats.duplicates += 1
+        self._ledger.done(ticket)
 
     async def _poison(self, record: ConsumerRecord, ticket: Ticket, deaths: int) -> None:
         """A record its workers kept dying on: kept for inspection, its producer told, and

@@ -85,6 +85,10 @@ class WorkerCollector(Collector):
         yield CounterMetricFamily("streamproc_chunk_tokens_published",
                                   "Tokens in published chunks (per chunk: how much coalescing "
                                   "merged).", value=self._stats.chunk_tokens_published)
+        yield CounterMetricFamily("streamproc_duplicate_requests",
+                                  "Jobs whose request id was already read at another offset "
+                                  "of the partition (a producer's retry): not served twice.",
+                                  value=self._stats.duplicates)
         changes = CounterMetricFamily("streamproc_window_adjustments",
                                       "Adaptive-window decisions, by reason.", labels=["reason"])
         for reason, count in sorted(self._stats.window_changes.items()):

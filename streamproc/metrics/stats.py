@@ -91,6 +91,8 @@ class WorkerStats:
     rate: RateMeter = field(default_factory=RateMeter)
     tokens_generated: int = 0
     chunks_published: int = 0
+    duplicates: int = 0
+    """Jobs read again under a request id already read at another offset: not served."""
     chunk_tokens_published: int = 0
     """Tokens in those chunks: over ``chunks_published``, how much coalescing merged."""
     outcomes: Counter[str] = field(default_factory=Counter)
