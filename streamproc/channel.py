@@ -35,11 +35,10 @@ class Job:
     """This processing of the record; a redelivery after a crash gets a new one."""
     deaths: int = 0
     """How many times a worker died while this record ran in its engine (the attempts
-    topic): a record with any is a suspect, and runs alone."""
-
-    @property
-    def suspect(self) -> bool:
-        return self.deaths > 0
+    topic)."""
+    alone: bool = False
+    """Runs alone in the engine: one more death makes it poison, and its batch-mates must
+    not be counted with it (see :mod:`streamproc.ingest.attempts`)."""
 
     @property
     def request_id(self) -> str:
@@ -81,13 +80,13 @@ class WaitingQueue:
         self._arrived.set()
 
     def take(self, count: int, running: int = 0) -> list[Job]:
-        """Up to ``count`` jobs from the head, highest lane first. A suspect (see
-        :attr:`Job.suspect`) is taken only alone, into an empty engine (``running`` 0):
-        jobs behind it wait until it is done."""
+        """Up to ``count`` jobs from the head, highest lane first. A job that must run
+        alone (:attr:`Job.alone`) is taken only by itself, into an empty engine
+        (``running`` 0): jobs behind it wait until it is done."""
         taken: list[Job] = []
         for lane in self._lanes:
             while lane and len(taken) < count:
-                if lane[0].suspect:
+                if lane[0].alone:
                     if not taken and not running:
                         taken.append(lane.popleft())
                     return taken

@@ -8,9 +8,11 @@ engine its count goes up by one on the compacted attempts topic, and when it is 
 entry is removed; a clean handback (a rebalance, a drain that ran out of time) puts the
 count back. What is left after a crash is a count of deaths. A worker reads the whole
 topic when it starts, before any request; a record whose count reached the limit is
-dead-lettered as ``poison`` with an error reply, and a record with any count is a
-*suspect*, which runs alone, so that only the record that kills the engine is counted again
-and its innocent batch-mates are not.
+dead-lettered as ``poison`` with an error reply. A record one death from that limit runs
+alone, so that only the record that kills the engine reaches it, not its innocent
+batch-mates. (Records with fewer deaths still run batched: after a single crash, kill -9 or
+out-of-memory, everything in flight has one death, and serving it one request at a time
+would make every crash's recovery serial.)
 
 Cost: two small messages per request (the mark at admission, the removal when done), and at
 start one read of a topic that holds only the records in flight across the group.

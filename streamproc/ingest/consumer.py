@@ -149,7 +149,8 @@ class Ingest:
             await self._unprocessable(record, ticket, request, exc)
             return
         self._stats.kafka_wait.observe(max(0.0, time.time() - prepared.origin_ts))
-        job = Job(prepared, ticket, self._preparer.reply_topic(request), deaths=deaths)
+        job = Job(prepared, ticket, self._preparer.reply_topic(request), deaths=deaths,
+                  alone=deaths >= max(1, self._poison_attempts - 1))
         if request.request_id in self._cancelled:  # cancelled before it was read
             await self._answer(job, "cancelled")
             return

@@ -135,8 +135,8 @@ class ServingLoop:
 
     async def _iterate(self) -> None:
         decision = self._decide()
-        # A suspect runs alone: nothing joins it (see streamproc.ingest.attempts).
-        alone = any(job.suspect for job in self._jobs.values())
+        # A job one death from poison runs alone: nothing joins it.
+        alone = any(job.alone for job in self._jobs.values())
         admitted = [] if self._draining or alone else \
             self._waiting.take(decision.admit, running=len(self._jobs))
         started = time.monotonic()
