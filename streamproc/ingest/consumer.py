@@ -128,38 +128,51 @@ class Ingest:
 
     async def _route(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         ticket = self._ledger.read(tp, record.offset)
+        job = await self._job(record, ticket)
+        if job is None or await self._answered_at_once(job):
+            return
+        prepared = job.prepared
+        self._ledger.cost(ticket, len(prepared.prompt_ids) + prepared.max_new_tokens,
+                          prepared.max_new_tokens)
+        self._waiting.put(job, self._lanes.index(tp.topic))
+
+    async def _job(self, record: ConsumerRecord, ticket: Ticket) -> Job | None:
+        """The record as a job to serve; None when it was dead-lettered, answered with an
+        error, or is a duplicate."""
         deaths = self._attempts.count(ticket)
         if deaths >= self._poison_attempts:
             await self._poison(record, ticket, deaths)
-            return
+            return None
         request = decode_request(record.value, self._max_bytes)
         if isinstance(request, Undecodable):
             await self._undecodable(record, ticket, request)
-            return
-        first = self._recent.duplicate_of(tp, request.request_id, record.offset)
+            return None
+        first = self._recent.duplicate_of(ticket.tp, request.request_id, record.offset)
         if first is not None:
             self._duplicate(record, ticket, request.request_id, first)
-            return
+            return None
         try:
             prepared = self._preparer.prepare(request, record.timestamp / 1000)
         except RequestError as exc:
             await self._reject(record, ticket, request.request_id, request.reply_topic, exc)
-            return
+            return None
         except Exception as exc:  # a tokenizer or template failing on this one
             await self._unprocessable(record, ticket, request, exc)
-            return
+            return None
         self._stats.kafka_wait.observe(max(0.0, time.time() - prepared.origin_ts))
-        job = Job(prepared, ticket, self._preparer.reply_topic(request), deaths=deaths,
-                  alone=deaths >= max(1, self._poison_attempts - 1))
-        if request.request_id in self._cancelled:  # cancelled before it was read
+        return Job(prepared, ticket, self._preparer.reply_topic(request), deaths=deaths,
+                   alone=deaths >= max(1, self._poison_attempts - 1))
+
+    async def _answered_at_once(self, job: Job) -> bool:
+        """Cancelled before it was read, or unable to meet its deadline: ended without
+        compute."""
+        if job.request_id in self._cancelled:
             await self._answer(job, "cancelled")
-            return
-        if self._overloaded_for(prepared):
+            return True
+        if self._overloaded_for(job.prepared):
             await self._answer(job, "rejected", "overloaded")
-            return
-        self._ledger.cost(ticket, len(prepared.prompt_ids) + prepared.max_new_tokens,
-                          prepared.max_new_tokens)
-        self._waiting.put(job, self._lanes.index(tp.topic))
+            return True
+        return False
 
     async def _answer(self, job: Job, reason: FinishReason, detail: str = "") -> None:
         """End ``job`` at once, without compute."""

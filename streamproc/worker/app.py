@@ -336,10 +336,14 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
     :meth:`Worker.wait_failed` reports) must not cut the rest of the shutdown short."""
     if task is None:
         return
-    task.cancel()
+    # Cancelled again until it ends: on Python 3.11, a wait_for inside the stage drops a
+    # cancellation that races its inner future's completion, and the stage would run on.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
     with suppress(asyncio.CancelledError):
         try:
-            await task
+            task.result()
         except Exception as exc:
             log.warning("stage %s had ended with an error: %r", task.get_name(), exc)
 

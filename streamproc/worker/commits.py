@@ -57,7 +57,10 @@ class Committer:
             return
         offsets = {tp: offset for tp, (offset, _) in planned.items()}
         try:
-            await asyncio.wait_for(self._consumer.commit(offsets), self._timeout_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+            # cancellation of a stopping worker's commit loop, which then never ends.
+            async with asyncio.timeout(self._timeout_s):
+                await self._consumer.commit(offsets)
         except TimeoutError:
             log.warning("commit of %d partitions gave up after %.1fs; retried at the next",
                         len(offsets), self._timeout_s)
