@@ -122,8 +122,8 @@ class TopicNames:
     control: str = "streamproc.control"
     """Where cancellations go; every worker reads all of it."""
     attempts: str = "streamproc.attempts"
-    """Compacted: how many times each record was running when its worker died (poison
-    detection survives the crash); empty: not counted."""
+    """Compacted: which records a worker started, and how many times each was running when
+    its worker died (takeovers and poison detection survive the crash)."""
     allowed_reply_topics: tuple[str, ...] = ()
     """Extra reply topics a request may name; ``responses`` is always allowed."""
     allowed_reply_pattern: str = ""
@@ -255,6 +255,9 @@ class WorkerConfig:
                              "poison_attempts",
                              "max_prompt_tokens", "lane_backlog",
                              "status_interval_s", "lag_interval_s")
+        if not self.topics.attempts:
+            raise ConfigError("an attempts topic is required: it is how a request's next "
+                              "owner knows to take its stream over (declare one in topics/)")
         if self.linger_ms < 0:
             raise ConfigError("linger_ms must be >= 0")
         if self.chunk_rate < 0:

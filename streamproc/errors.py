@@ -69,6 +69,13 @@ class PublishError(StreamprocError):
     """The broker would not take a message after the producer's retries."""
 
 
+class WorkerStalledError(StreamprocError):
+    """The worker's event loop stood still past what its group waits (frozen, paused):
+    it may have lost its partitions, so it stops publishing and exits; restart it."""
+
+    retriable = True
+
+
 class TopicMissingError(StreamprocError):
     """A topic the command needs does not exist on the broker."""
 

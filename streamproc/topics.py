@@ -100,12 +100,9 @@ def topic_names(specs: list[TopicSpec]) -> TopicNames:
     lanes = tuple(s.name for s in ranked)
     if not lanes:
         raise ConfigError("no requests topic declared")
-    attempts = [s.name for s in specs if s.role == "attempts"]
-    if len(attempts) > 1:
-        raise ConfigError(f"expected at most one attempts topic, found {attempts}")
     return TopicNames(requests=lanes, responses=one("responses"), dead_letter=one("dead_letter"),
                       status=one("status"), control=one("control"),
-                      attempts=attempts[0] if attempts else "")
+                      attempts=one("attempts"))
 
 
 async def apply(bootstrap: str, specs: list[TopicSpec], replication_factor: int | None = None,

@@ -75,7 +75,7 @@ class TokenChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
     text: str
     token_ids: list[int]
     attempt: str = ""
-    """Which processing of the request produced this; a replay after a crash has a new one."""
+    """Which processing of the request produced this (see :class:`Takeover`)."""
     offset: int = 0
     """Tokens of the stream before this chunk: where ``token_ids`` start."""
     text_offset: int = 0
@@ -119,7 +119,19 @@ class ErrorMessage(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
     attempt: str = ""
 
 
-ResponseMessage = TokenChunk | FinalMessage | ErrorMessage
+class Takeover(msgspec.Struct, frozen=True, tag="takeover", tag_field="type"):
+    """A worker took the request over from an attempt that had started it: from this
+    message on, readers follow ``attempt`` only. The new attempt continues the stream
+    from exactly what the followed attempt published before this message (its chunks'
+    ``seq`` and ``offset`` carry on); messages of any other attempt after it are
+    ignored, whoever wrote them."""
+
+    request_id: str
+    attempt: str
+    at: float = msgspec.field(default_factory=time.time)
+
+
+ResponseMessage = TokenChunk | FinalMessage | ErrorMessage | Takeover
 
 
 class CancelRequest(msgspec.Struct, frozen=True):
@@ -130,15 +142,20 @@ class CancelRequest(msgspec.Struct, frozen=True):
 
 
 class AttemptMark(msgspec.Struct, frozen=True):
-    """On the attempts topic, keyed ``topic/partition/offset`` of a request record: how many
-    times a worker was running it in the engine when it died. Removed (a tombstone) once
-    the record is done; a worker reads the whole topic when it starts."""
+    """On the attempts topic, keyed ``topic/partition/offset`` of a request record: that a
+    worker started it (so its next owner takes it over rather than starting afresh) and
+    how many times a worker was running it in the engine when it died. Removed (a
+    tombstone) once the record's offset is committed; a worker reads the whole topic when
+    it starts."""
 
     topic: str
     partition: int
     offset: int
     attempts: int
     at: float = msgspec.field(default_factory=time.time)
+    since: float = 0.0
+    """When a worker first started the record (Unix seconds): its stream on the reply
+    topic begins after this, which is where a takeover starts reading."""
 
 
 class WorkerStatus(msgspec.Struct, frozen=True):
@@ -184,8 +201,8 @@ def encode(message: msgspec.Struct) -> bytes:
 
 
 def is_terminal(message: ResponseMessage) -> bool:
-    """Whether ``message`` ends its request's stream."""
-    return not isinstance(message, TokenChunk)
+    """Whether ``message`` ends its request's stream (of the attempt that wrote it)."""
+    return isinstance(message, FinalMessage | ErrorMessage)
 
 
 def json_schemas() -> dict[str, dict[str, object]]:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from streamproc.config import WorkerConfig, bootstrap_from_env
+from streamproc.config import TopicNames, WorkerConfig, bootstrap_from_env
 from streamproc.errors import ConfigError
 
 
@@ -31,6 +31,8 @@ def test_cross_field_validation() -> None:
         WorkerConfig(prefill_chunk_tokens=-1)
     with pytest.raises(ConfigError, match="close_timeout_s"):
         WorkerConfig(close_timeout_s=-1)
+    with pytest.raises(ConfigError, match="attempts topic is required"):
+        WorkerConfig(topics=TopicNames(attempts=""))
     assert WorkerConfig.from_env({"STREAMPROC_CLOSE_TIMEOUT_S": "2.5"}).close_timeout_s == 2.5
 
 

@@ -4,6 +4,8 @@ import pytest
 
 from streamproc.engine.detokenize import IncrementalDetokenizer, StopMatcher, direct_decoder
 from streamproc.engine.loader import load_tokenizer
+from streamproc.engine.sequence import PreparedRequest, Resumed, Sequence, TokenEvent
+from streamproc.wire import GenerationParams, GenerationRequest
 
 
 def test_stop_matcher_passes_text_through_without_stops() -> None:
@@ -52,3 +54,39 @@ def test_decoding_goes_straight_to_the_rust_tokenizer_only_when_the_text_is_the_
     # Clean-up of spaces happens in the wrapper: keep it where the tokenizer asks for it.
     tokenizer.clean_up_tokenization_spaces = True
     assert direct_decoder(tokenizer) is tokenizer
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("stop", [[], ["✓ 12"], ["é ✓"]])
+def test_a_resumed_sequence_continues_the_text_exactly_wherever_it_was_cut(
+        tiny_model_dir: Path, stop: list[str]) -> None:
+    """Whatever readers held when the stream was cut (mid-character, with a stop string's
+    start held back), a sequence resumed from it adds exactly the rest of the text."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    ids = tokenizer("go: Kafka — naïve café ✓ 1234 done", add_special_tokens=False).input_ids
+    prompt, generated = ids[:3], ids[3:]
+    request = GenerationRequest(request_id="r", prompt="-", params=GenerationParams(
+        max_new_tokens=len(generated), stop=stop))
+    base = PreparedRequest(request, prompt, len(generated), 0.0)
+
+    def run(prepared: PreparedRequest, tokens: list[int]) -> list[TokenEvent]:
+        sequence = Sequence.start(prepared, tokenizer, frozenset())
+        events = []
+        for token in tokens:
+            events.append(sequence.advance(token, 0.0))
+            if sequence.finished:
+                break
+        return events
+
+    whole = run(base, generated)
+    full_text = "".join(e.text for e in whole)
+    assert whole[-1].outcome is not None
+    for cut in range(len(whole)):
+        held = whole[:cut]
+        kept = [t for e in held for t in e.token_ids]
+        resumed = base.resume(Resumed(kept, "".join(e.text for e in held), cut))
+        rest = run(resumed, generated[len(kept):])
+        assert "".join(e.text for e in held + rest) == full_text, cut
+        outcome = rest[-1].outcome
+        assert outcome is not None
+        assert outcome.usage == whole[-1].outcome.usage

@@ -9,7 +9,7 @@ import pytest
 
 from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel
-from streamproc.engine.sequence import PreparedRequest, TokenEvent
+from streamproc.engine.sequence import PreparedRequest, Resumed, TokenEvent
 from streamproc.wire import GenerationParams, GenerationRequest
 
 from .helpers import reference_tokens
@@ -235,3 +235,26 @@ def test_stop_strings_end_the_stream_without_emitting_them(loaded_model: LoadedM
     assert text == full_text[:full_text.index(stop)]
     assert stopped["s"][-1].outcome is not None
     assert stopped["s"][-1].outcome.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("params", [{}, {"temperature": 0.9, "top_p": 0.9, "seed": 5}])
+def test_a_resumed_request_continues_exactly_and_counts_the_whole_completion(
+        loaded_model: LoadedModel, params: dict[str, object]) -> None:
+    """Prefilling prompt + the published tokens continues the stream as one run would
+    (greedy, or seeded: sampling draws by position in the whole completion), batched
+    with requests that are not resumed."""
+    rng = random.Random(3)
+    vocab = len(loaded_model.tokenizer)
+    prompt = [rng.randrange(3, vocab) for _ in range(17)]
+    whole = run_to_completion(Engine(loaded_model), [[prepared("r", prompt, 24, **params)]])
+    generated = tokens(whole["r"])
+    others = [prepared(f"o{i}", [rng.randrange(3, vocab) for _ in range(9)], 12)
+              for i in range(3)]
+    for cut in (1, 10, 23):
+        resumed = prepared("r", prompt, 24, **params).resume(
+            Resumed(generated[:cut], "", cut))
+        events = run_to_completion(Engine(loaded_model), [[others[0], resumed], others[1:]])
+        assert generated[:cut] + tokens(events["r"]) == generated, cut
+        outcome = events["r"][-1].outcome
+        assert outcome is not None
+        assert (outcome.usage.prompt_tokens, outcome.usage.completion_tokens) == (17, 24)

@@ -19,6 +19,7 @@ from streamproc.errors import (
     OverloadedError,
     StreamprocError,
     TopicMissingError,
+    WorkerStalledError,
 )
 
 
@@ -42,6 +43,9 @@ class Exit(IntEnum):
     """The engine did not start, or stopped while serving."""
     TIMEOUT = 8
     """No answer within the time allowed (``submit --timeout``)."""
+    STALLED = 9
+    """The worker was frozen past its group's session timeout and stopped publishing;
+    start it again (its requests were taken over)."""
     INTERNAL = 70
     """Anything else: a bug (EX_SOFTWARE)."""
     OVERLOADED = 75
@@ -73,6 +77,8 @@ def explain(exc: BaseException, bootstrap: str | None) -> tuple[Exit, str]:
     if isinstance(exc, TimeoutError):
         return Exit.TIMEOUT, ("no answer within the time allowed (--timeout): is a worker "
                               "running? `streamproc lag` shows the group and its lag")
+    if isinstance(exc, WorkerStalledError):
+        return Exit.STALLED, str(exc)
     if isinstance(exc, ModelError):
         return Exit.MODEL, str(exc)
     if isinstance(exc, EngineError):

@@ -10,9 +10,11 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from streamproc.cli.common import add_bootstrap, bootstrap, run, setup_logging
+from streamproc.cli.failures import Exit
 from streamproc.config import WorkerConfig
 from streamproc.engine import catalog
 from streamproc.engine.loader import describe_model, load_model
+from streamproc.errors import WorkerStalledError
 from streamproc.topics import load_specs, topic_names
 from streamproc.worker.app import Worker
 from streamproc.worker.preflight import preflight
@@ -142,6 +144,9 @@ async def serve(config: WorkerConfig) -> int:
     failed.cancel()
     stopping.cancel()
     await worker.stop()
+    if isinstance(crash, WorkerStalledError):
+        log.error("%s", crash)
+        return Exit.STALLED
     if crash is not None:
         log.error("a worker stage failed: %r", crash)
         return 1

@@ -1,9 +1,9 @@
 """Submit prompt jobs and read their streams back, in order, once each.
 
 The client reads its reply topic from the end (positions fixed before the
-first submit, so nothing is missed), routes messages by request id, drops
-any chunk it has already seen (a redelivered request replays its stream) and
-ends each stream at its terminal message.
+first submit, so nothing is missed), routes messages by request id and applies
+the reader rule (:mod:`streamproc.follow`): one attempt's messages at a time,
+switching only at a takeover, ending at the first terminal message.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from streamproc.client.admission import AdmissionGate
 from streamproc.config import DEFAULT_LANE, KafkaSecurity, TopicNames
 from streamproc.errors import GenerationError, TopicMissingError
 from streamproc.flow.admission import AdmissionPolicy
+from streamproc.follow import Follower, Kept
 
 log = logging.getLogger(__name__)
 _DEFAULTS = TopicNames()
@@ -53,11 +54,8 @@ class ResultStream:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.submitted_at = time.time()
-        self._inbox: asyncio.Queue[wire.ResponseMessage] = asyncio.Queue()
-        self._next_seq = 0
-        self._tokens_seen = 0
-        self._text_seen = 0
-        self._ended = False
+        self._inbox: asyncio.Queue[Kept] = asyncio.Queue()
+        self._follower = Follower(request_id)
         self._text: list[str] = []
         self._tokens: list[int] = []
         self._arrivals: list[float] = []
@@ -65,50 +63,16 @@ class ResultStream:
 
     @property
     def next_seq(self) -> int:
-        return self._next_seq
+        return self._follower.next_seq
 
     def deliver(self, message: wire.ResponseMessage) -> bool:
-        """Accept what ``message`` adds to the stream; False when it adds nothing.
-
-        A request generated again (after a worker crash) repeats its tokens, but not
-        necessarily its chunking, so chunks are spliced by their token and text offsets:
-        only what lies past what this stream already holds is kept. The first terminal
-        message ends the stream.
-        """
-        if self._ended:
+        """Accept ``message`` if the reader rule keeps it; False when it adds nothing (a
+        takeover, another attempt's message, anything after the end)."""
+        kept = self._follower.take(message)
+        if kept is None:
             return False
-        if isinstance(message, wire.TokenChunk):
-            fresh = self._fresh_part(message)
-            if fresh is None:
-                return False
-            message = fresh
-        else:
-            self._ended = True
-        self._next_seq = max(self._next_seq, message.seq + 1)
-        self._inbox.put_nowait(message)
+        self._inbox.put_nowait(kept)
         return True
-
-    def _fresh_part(self, chunk: wire.TokenChunk) -> wire.TokenChunk | None:
-        skip_tokens = self._tokens_seen - chunk.offset
-        skip_text = self._text_seen - chunk.text_offset
-        if skip_tokens == 0 and skip_text == 0:  # the common case, once per message
-            self._tokens_seen += len(chunk.token_ids)
-            self._text_seen += len(chunk.text)
-            return chunk
-        if skip_tokens < 0 or skip_text < 0:
-            log.warning("request %s: chunk at token %d/char %d, expected %d/%d",
-                        self.request_id, chunk.offset, chunk.text_offset, self._tokens_seen,
-                        self._text_seen)
-        tokens, text = chunk.token_ids[max(0, skip_tokens):], chunk.text[max(0, skip_text):]
-        if not tokens and not text and (chunk.token_ids or chunk.text):
-            return None  # a replay of what is already here
-        self._tokens_seen += len(tokens)
-        self._text_seen += len(text)
-        if (tokens, text) == (chunk.token_ids, chunk.text):
-            return chunk
-        return msgspec.structs.replace(chunk, token_ids=tokens, text=text,
-                                       offset=chunk.offset + max(0, skip_tokens),
-                                       text_offset=chunk.text_offset + max(0, skip_text))
 
     def __aiter__(self) -> AsyncIterator[wire.TokenChunk]:
         return self._chunks()

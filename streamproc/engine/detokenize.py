@@ -38,6 +38,25 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
 
+    @classmethod
+    def resumed(cls, tokenizer: Decoder, prompt_ids: list[int], published: list[int],
+                published_text: str) -> tuple[IncrementalDetokenizer, str]:
+        """A detokenizer that continues a stream of which ``published`` tokens went out as
+        ``published_text``, and the text those tokens add beyond it (held back for a stop
+        string; it comes out with the next token). Tokens at the end that are part of an
+        incomplete character stay unread, so the token completing it decodes it whole."""
+        detok = cls(tokenizer, prompt_ids)
+        context = detok._ids
+        whole = len(published)
+        while whole > 0 and detok._decode(context + published[:whole]).endswith(_REPLACEMENT):
+            whole -= 1
+        base = detok._decode(context)
+        implied = detok._decode(context + published[:whole])[len(base):]
+        detok._ids = (context + published)[-_CONTEXT_TOKENS - (len(published) - whole):]
+        detok._read_offset = len(detok._ids) - (len(published) - whole)
+        owed = implied[len(published_text):] if implied.startswith(published_text) else ""
+        return detok, owed
+
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
         return self._delta(final=False)

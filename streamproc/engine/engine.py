@@ -245,7 +245,7 @@ class Engine:
         now = time.time()
         # The whole batch at once: per-row calls cost more than the model at small sizes.
         chosen = choose_tokens(logits, [s.sampler for s in sequences],
-                               [len(s.generated) for s in sequences])
+                               [s.position for s in sequences])
         return [seq.expire(now) if _past_deadline(seq.prepared, now) else seq.advance(token, now)
                 for seq, token in zip(sequences, chosen, strict=True)]
 

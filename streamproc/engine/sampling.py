@@ -11,9 +11,8 @@ three times as long as a greedy one that way).
 
 A request's tokens therefore depend only on its seed, its parameters and its
 logits, not on which other requests shared its batch. A request without a
-``seed`` gets one derived from its request id: a request that a second worker
-generates again after a crash then produces the same tokens, so its replayed
-stream splices exactly onto what subscribers already received.
+``seed`` gets one derived from its request id, so a run is reproducible, and a
+request resumed after a takeover draws by its position in the whole completion.
 """
 
 from __future__ import annotations

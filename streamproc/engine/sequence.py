@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from streamproc.engine.detokenize import IncrementalDetokenizer, StopMatcher
@@ -19,6 +19,16 @@ def _next_key() -> int:
 
 
 @dataclass(frozen=True)
+class Resumed:
+    """What readers already hold of a request taken over from another attempt: the new
+    attempt generates from here, as the continuation of prompt + these tokens."""
+
+    tokens: list[int]
+    text: str
+    next_seq: int
+
+
+@dataclass(frozen=True)
 class PreparedRequest:
     """A validated request with its prompt tokenized, ready for prefill."""
 
@@ -30,10 +40,29 @@ class PreparedRequest:
     key: int = field(default_factory=_next_key)
     """This admission's identity in this worker, stable across the engine's process
     boundary (request ids need not be unique: a duplicate job, a replay)."""
+    resumed: Resumed | None = None
+    """Set when the request continues another attempt's stream: ``prompt_ids`` then end
+    with the tokens published so far, and ``max_new_tokens`` counts only what is left."""
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def kept_tokens(self) -> int:
+        """Completion tokens already published by an earlier attempt."""
+        return len(self.resumed.tokens) if self.resumed is not None else 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's own length, without any resumed completion."""
+        return len(self.prompt_ids) - self.kept_tokens
+
+    def resume(self, resumed: Resumed) -> PreparedRequest:
+        """This request continuing from what ``resumed`` says readers hold."""
+        return replace(self, prompt_ids=self.prompt_ids + resumed.tokens,
+                       max_new_tokens=self.max_new_tokens - len(resumed.tokens),
+                       resumed=resumed)
 
 
 @dataclass(frozen=True)
@@ -63,7 +92,7 @@ def unserved_event(prepared: PreparedRequest, now: float, reason: FinishReason,
                    detail: str = "") -> TokenEvent:
     """The answer to a request that ends before its prefill (expired, rejected)."""
     waited = max(0.0, now - prepared.origin_ts)
-    usage = Usage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=0)
+    usage = Usage(prompt_tokens=prepared.prompt_tokens, completion_tokens=prepared.kept_tokens)
     outcome = Outcome(reason, usage, Timings(queue_s=waited, ttft_s=0.0, total_s=waited),
                       detail)
     return TokenEvent(prepared, [], "", outcome)
@@ -81,18 +110,37 @@ class Sequence:
     first_token_at: float | None = None
     generated: list[int] = field(default_factory=list)
     finished: bool = False
+    owed_text: str = ""
+    """Text of a resumed request's published tokens that readers do not hold yet."""
 
     @classmethod
     def start(cls, prepared: PreparedRequest, tokenizer: Any,
               eos_ids: frozenset[int]) -> Sequence:
         params = prepared.request.params
-        return cls(
+        sequence = cls(
             prepared=prepared,
             detokenizer=IncrementalDetokenizer(tokenizer, prepared.prompt_ids),
             stop=StopMatcher(params.stop),
             sampler=sampler_for(params, prepared.request_id),
             eos_ids=eos_ids,
         )
+        if prepared.resumed is not None:
+            sequence._resume_text(tokenizer, prepared.resumed)
+        return sequence
+
+    def _resume_text(self, tokenizer: Any, resumed: Resumed) -> None:
+        """Pick the text up where readers' copy ends: text the published tokens imply
+        but that was held back (an incomplete character, the start of a stop string)
+        comes out with the next token."""
+        prompt = self.prepared.prompt_ids[:self.prepared.prompt_tokens]
+        self.detokenizer, owed = IncrementalDetokenizer.resumed(
+            tokenizer, prompt, resumed.tokens, resumed.text)
+        self.owed_text = owed
+
+    @property
+    def position(self) -> int:
+        """Completion tokens so far, of every attempt: where sampling draws from."""
+        return self.prepared.kept_tokens + len(self.generated)
 
     @property
     def last_token(self) -> int:
@@ -110,7 +158,7 @@ class Sequence:
             return self._finish_event([], self._drain(self.detokenizer.flush()), "stop", now)
         self.generated.append(token)
         reason: FinishReason | None = None
-        text, hit = self.stop.feed(self.detokenizer.push(token))
+        text, hit = self.stop.feed(self._owed() + self.detokenizer.push(token))
         if hit:
             reason = "stop"
         elif len(self.generated) >= self.prepared.max_new_tokens:
@@ -125,8 +173,12 @@ class Sequence:
         """End early because the producer cancelled the request."""
         return self._finish_event([], self._drain(""), "cancelled", now)
 
+    def _owed(self) -> str:
+        owed, self.owed_text = self.owed_text, ""
+        return owed
+
     def _drain(self, tail: str) -> str:
-        text, hit = self.stop.feed(tail)
+        text, hit = self.stop.feed(self._owed() + tail)
         return text if hit else text + self.stop.flush()
 
     def _event(self, token: int, text: str, reason: FinishReason | None,
@@ -142,7 +194,7 @@ class Sequence:
         first = self.first_token_at if self.first_token_at is not None else now
         outcome = Outcome(
             finish_reason=reason,
-            usage=Usage(len(self.prepared.prompt_ids), len(self.generated)),
+            usage=Usage(self.prepared.prompt_tokens, self.position),
             timings=Timings(queue_s=max(0.0, self.admitted_at - origin),
                             ttft_s=max(0.0, first - origin), total_s=max(0.0, now - origin)),
         )

@@ -1,7 +1,9 @@
 """The fetch loop: read request records, route each one, and stop reading when full.
 
 Every record ends up exactly one of: a job in the waiting queue, an error
-response on its reply topic, or a dead letter. Fetching pauses (without leaving
+response on its reply topic, or a dead letter. A record another attempt started is
+taken over first (:mod:`streamproc.ingest.resume`): it continues that stream.
+Fetching pauses (without leaving
 the group: the loop keeps polling) once the worker holds ``max_inflight``
 records and resumes below the low-water mark.
 """
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
+from dataclasses import replace
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from streamproc.channel import Job, WaitingQueue
-from streamproc.engine.sequence import PreparedRequest, unserved_event
+from streamproc.engine.sequence import PreparedRequest, Resumed, unserved_event
 from streamproc.errors import RequestError
 from streamproc.flow.ledger import Ledger, Ticket
 from streamproc.flow.priority import lanes_to_pause
@@ -25,6 +29,7 @@ from streamproc.ingest.attempts import AttemptLog
 from streamproc.ingest.control import CancelledIds
 from streamproc.ingest.decode import Undecodable, decode_request, envelope_of
 from streamproc.ingest.prepare import Preparer
+from streamproc.ingest.resume import Claim, Resumer
 from streamproc.logs import record_context
 from streamproc.metrics.stats import WorkerStats
 from streamproc.publish.publisher import Publisher
@@ -39,7 +44,7 @@ class Ingest:
                  ledger: Ledger, publisher: Publisher,
                  stats: WorkerStats, *, lanes: tuple[str, ...], lane_backlog: int,
                  cancelled: CancelledIds, max_message_bytes: int,
-                 attempts: AttemptLog, poison_attempts: int) -> None:
+                 attempts: AttemptLog, poison_attempts: int, resumer: Resumer) -> None:
         self._consumer = consumer
         self._preparer = preparer
         self._waiting = waiting
@@ -51,6 +56,7 @@ class Ingest:
         self._lane_backlog = lane_backlog
         self._cancelled = cancelled
         self._attempts, self._poison_attempts = attempts, poison_attempts
+        self._resumer = resumer
         self._recent = RecentRequests()
         self.paused = False
         self.paused_partitions = 0
@@ -72,9 +78,18 @@ class Ingest:
         while True:
             self._apply_gate()
             fetched = await self._fetch(self._ledger.room())
+            started: list[tuple[Job, float]] = []
             for tp, records in fetched.items():
                 for record in records:
-                    await self._route(tp, record)
+                    job = await self._job(record, self._ledger.read(tp, record.offset))
+                    since = None if job is None else self._attempts.started(job.ticket)
+                    if since is not None and job is not None:
+                        started.append((job, since))
+                    elif job is not None:
+                        await self._serve(job)
+            if started:
+                for claim in await self._resumer.take_over(started):
+                    await self._resume(claim)
 
     async def _fetch(self, room: int) -> dict[TopicPartition, list[ConsumerRecord]]:
         """Up to ``room`` records, taken lane by lane, highest first.
@@ -126,15 +141,27 @@ class Ingest:
             self._consumer.resume(*(current - wanted))
         self.paused_partitions = len(wanted)
 
-    async def _route(self, tp: TopicPartition, record: ConsumerRecord) -> None:
-        ticket = self._ledger.read(tp, record.offset)
-        job = await self._job(record, ticket)
-        if job is None or await self._answered_at_once(job):
+    async def _resume(self, claim: Claim) -> None:
+        """Serve a taken-over job from where its readers' stream stands."""
+        follower, job = claim.follower, claim.job
+        if follower.end is not None:  # its stream had ended: nothing more to say
+            if self._ledger.done(job.ticket):
+                self._attempts.done(job.ticket)
+            return
+        resumed = Resumed(follower.tokens, follower.joined_text, follower.next_seq)
+        job = replace(job, prepared=job.prepared.resume(resumed))
+        if job.prepared.max_new_tokens <= 0:  # it had all its tokens but not its end
+            await self._answer(job, "length")
+            return
+        await self._serve(job)
+
+    async def _serve(self, job: Job) -> None:
+        if await self._answered_at_once(job):
             return
         prepared = job.prepared
-        self._ledger.cost(ticket, len(prepared.prompt_ids) + prepared.max_new_tokens,
+        self._ledger.cost(job.ticket, len(prepared.prompt_ids) + prepared.max_new_tokens,
                           prepared.max_new_tokens)
-        self._waiting.put(job, self._lanes.index(tp.topic))
+        self._waiting.put(job, self._lanes.index(job.tp.topic))
 
     async def _job(self, record: ConsumerRecord, ticket: Ticket) -> Job | None:
         """The record as a job to serve; None when it was dead-lettered, answered with an
@@ -223,8 +250,12 @@ class Ingest:
         if envelope is None:
             self._stats.failed("poison")
             return
-        await self._reject(record, ticket, envelope.request_id, envelope.reply_topic,
-                           RequestError("poison", detail), dead_lettered=True)
+        # It was started: its readers follow an attempt, so the error ends a takeover.
+        attempt = uuid.uuid4().hex[:12]
+        topic = self._answer_topic(envelope.reply_topic)
+        await self._publisher.takeover(topic, envelope.request_id, attempt)
+        await self._reject(record, ticket, envelope.request_id, topic,
+                           RequestError("poison", detail), dead_lettered=True, attempt=attempt)
 
     async def _unprocessable(self, record: ConsumerRecord, ticket: Ticket,
                              request: GenerationRequest, exc: Exception) -> None:
@@ -241,16 +272,20 @@ class Ingest:
 
     async def _reject(self, record: ConsumerRecord, ticket: Ticket, request_id: str,
                       reply_topic: str,
-                      exc: RequestError, *, dead_lettered: bool = False) -> None:
+                      exc: RequestError, *, dead_lettered: bool = False,
+                      attempt: str = "") -> None:
         log.info("request %s rejected: %s: %s", request_id, exc.code, exc.message,
                  extra={**record_context(record.topic, record.partition, record.offset,
                                          request_id), "code": exc.code})
         self._stats.failed(exc.code)
+        topic = self._answer_topic(reply_topic)
+        if topic != (reply_topic or self._preparer.reply_topic_default) and not dead_lettered:
+            await self._publisher.dead_letter(record, exc.code, exc.message, ticket)
+        await self._publisher.reject(topic, request_id, ticket, exc.code, exc.message, attempt)
+
+    def _answer_topic(self, reply_topic: str) -> str:
+        """Where to answer a job that names ``reply_topic``: never where a job asks unless
+        allowed (then the default topic; the original is kept for inspection)."""
         topic = reply_topic or self._preparer.reply_topic_default
-        if not self._preparer.reply_allowed(topic):
-            # Never write where a job asks unless allowed: answer on the default topic,
-            # and keep the original for inspection.
-            topic = self._preparer.reply_topic_default
-            if not dead_lettered:
-                await self._publisher.dead_letter(record, exc.code, exc.message, ticket)
-        await self._publisher.reject(topic, request_id, ticket, exc.code, exc.message)
+        return topic if self._preparer.reply_allowed(topic) else \
+            self._preparer.reply_topic_default

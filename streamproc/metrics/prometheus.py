@@ -89,6 +89,22 @@ class WorkerCollector(Collector):
                                   "Jobs whose request id was already read at another offset "
                                   "of the partition (a producer's retry): not served twice.",
                                   value=self._stats.duplicates)
+        yield CounterMetricFamily("streamproc_takeovers",
+                                  "Requests taken over from an attempt that had started them "
+                                  "(resumed from what it published).",
+                                  value=self._stats.takeovers)
+        yield CounterMetricFamily("streamproc_takeover_records_read",
+                                  "Reply records read to learn where taken-over streams stood.",
+                                  value=self._stats.takeover_records_read)
+        yield CounterMetricFamily("streamproc_takeover_seconds",
+                                  "Time spent claiming taken-over requests and reading their "
+                                  "streams back.", value=self._stats.takeover_seconds)
+        yield CounterMetricFamily("streamproc_mark_wait_seconds",
+                                  "Time streams' first messages waited for their record's "
+                                  "attempts mark to be acknowledged.",
+                                  value=self._stats.mark_wait_seconds)
+        yield CounterMetricFamily("streamproc_streams_opened", "Streams begun.",
+                                  value=self._stats.streams_opened)
         changes = CounterMetricFamily("streamproc_window_adjustments",
                                       "Adaptive-window decisions, by reason.", labels=["reason"])
         for reason, count in sorted(self._stats.window_changes.items()):

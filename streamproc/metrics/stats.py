@@ -93,6 +93,14 @@ class WorkerStats:
     chunks_published: int = 0
     duplicates: int = 0
     """Jobs read again under a request id already read at another offset: not served."""
+    takeovers: int = 0
+    """Requests taken over from an attempt that had started them."""
+    takeover_records_read: int = 0
+    """Reply records read to learn where taken-over streams stood."""
+    takeover_seconds: float = 0.0
+    streams_opened: int = 0
+    mark_wait_seconds: float = 0.0
+    """Time first messages waited for their record's attempts mark (steady-state cost)."""
     chunk_tokens_published: int = 0
     """Tokens in those chunks: over ``chunks_published``, how much coalescing merged."""
     outcomes: Counter[str] = field(default_factory=Counter)

@@ -20,6 +20,11 @@ Coalescing: a stream's new tokens are held and merged into its next chunk
 
 A stream's first chunk never waits, and a held token waits at most for that
 acknowledgement or interval plus one engine step.
+
+A stream's first message goes out only once its record's attempts mark is on the broker
+(``before_first``): whoever takes the record over must know it was started. A stream
+resumed from another attempt (:mod:`streamproc.ingest.resume`) continues its ``seq`` and
+offsets. Every send first checks that this worker may still publish (``check_alive``).
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from streamproc import wire
 from streamproc.channel import Job
@@ -45,6 +51,7 @@ from streamproc.metrics.stats import WorkerStats
 log = logging.getLogger(__name__)
 OnAcked = Callable[[Ticket], None]
 OnFailed = Callable[[Ticket, BaseException], None]
+BeforeFirst = Callable[[Ticket], Awaitable[None]]
 StreamKey = tuple[TopicPartition, int, str]
 
 
@@ -102,7 +109,9 @@ class Publisher:
     def __init__(self, producer: AIOKafkaProducer, dead_letter_topic: str,
                  on_acked: OnAcked, on_failed: OnFailed, *, coalesce: bool = True,
                  pacing: ChunkPacing = ChunkPacing(),
-                 stats: WorkerStats | None = None) -> None:
+                 stats: WorkerStats | None = None,
+                 before_first: BeforeFirst | None = None,
+                 check_alive: Callable[[], None] = lambda: None) -> None:
         """``coalesce``: merge a stream's tokens while its previous chunk is unacknowledged
         or went out less than ``pacing``'s interval ago (False: one chunk per step,
         whatever Kafka's pace)."""
@@ -116,6 +125,10 @@ class Publisher:
         self._streams: dict[StreamKey, _Stream] = {}
         self._partitioner = DefaultPartitioner()
         self._acks: set[asyncio.Task[None]] = set()
+        self._before_first = before_first
+        self._check_alive = check_alive
+        """Raises when this worker must not publish any more (it may have lost its
+        partitions: :mod:`streamproc.worker.liveness`)."""
 
     @property
     def chunk_interval_s(self) -> float:
@@ -143,10 +156,10 @@ class Publisher:
             job.request_id, stream.take_seq(), code, message, retriable, job.attempt))
 
     async def reject(self, reply_topic: str, request_id: str, ticket: Ticket,
-                     code: str, message: str) -> None:
+                     code: str, message: str, attempt: str = "") -> None:
         """Answer a request that never became a job (it failed validation)."""
         ack = await self._send(reply_topic, request_id,
-                               wire.ErrorMessage(request_id, 0, code, message, False))
+                               wire.ErrorMessage(request_id, 0, code, message, False, attempt))
         self._track(ack, ticket)
 
     async def dead_letter(self, record: ConsumerRecord, reason: str, detail: str,
@@ -168,13 +181,35 @@ class Publisher:
         """``job`` was abandoned (its partition moved): drop its stream state."""
         self._streams.pop(_key(job), None)
 
+    async def takeover(self, reply_topic: str, request_id: str,
+                       attempt: str) -> tuple[TopicPartition, int]:
+        """Publish that ``attempt`` takes ``request_id``'s stream over; once acknowledged,
+        return where it landed: readers ignore every other attempt after that offset."""
+        partition = await self._partition(reply_topic, request_id)
+        ack = await self._send(reply_topic, request_id,
+                               wire.Takeover(request_id, attempt), partition)
+        metadata = cast(RecordMetadata, await ack)
+        return TopicPartition(reply_topic, partition), metadata.offset
+
     async def _open_stream(self, job: Job) -> _Stream:
         """State for ``job``'s first message; later ones find it with a plain dict lookup
         at the call, so publishing an event costs no extra coroutine."""
-        partitions = sorted(await self._producer.partitions_for(job.reply_topic))
-        partition = self._partitioner(job.request_id.encode(), partitions, partitions)
-        stream = self._streams[_key(job)] = _Stream(partition)
+        if self._before_first is not None:
+            began = time.monotonic()
+            await self._before_first(job.ticket)
+            self._stats.mark_wait_seconds += time.monotonic() - began
+        self._stats.streams_opened += 1
+        stream = _Stream(await self._partition(job.reply_topic, job.request_id))
+        resumed = job.prepared.resumed
+        if resumed is not None:
+            stream.next_seq = resumed.next_seq
+            stream.tokens_sent, stream.text_sent = len(resumed.tokens), len(resumed.text)
+        self._streams[_key(job)] = stream
         return stream
+
+    async def _partition(self, topic: str, request_id: str) -> int:
+        partitions = sorted(await self._producer.partitions_for(topic))
+        return int(self._partitioner(request_id.encode(), partitions, partitions))
 
     async def _chunk(self, job: Job, stream: _Stream, text: str, tokens: list[int], *,
                      final: bool) -> None:
@@ -183,7 +218,6 @@ class Publisher:
         if self._coalesce and not final and self._hold(stream, now):
             stream.held_text, stream.held_tokens = text, tokens
             return
-        # Offsets, not seq, let a reader splice a replay: chunking depends on Kafka's pace.
         chunk = wire.TokenChunk(job.request_id, stream.take_seq(), text, tokens, job.attempt,
                                 stream.tokens_sent, stream.text_sent)
         stream.tokens_sent += len(tokens)
@@ -207,6 +241,7 @@ class Publisher:
 
     async def _send(self, topic: str, request_id: str, message: wire.ResponseMessage,
                     partition: int | None = None) -> asyncio.Future[object]:
+        self._check_alive()
         future: asyncio.Future[object] = await self._producer.send(
             topic, wire.encode(message), key=request_id.encode(), partition=partition)
         return future

@@ -38,6 +38,7 @@ from streamproc.ingest.attempts import AttemptLog
 from streamproc.ingest.consumer import Ingest
 from streamproc.ingest.control import CancelledIds, ControlListener
 from streamproc.ingest.prepare import Preparer
+from streamproc.ingest.resume import Resumer
 from streamproc.metrics.lag_monitor import LagMonitor, LagReport
 from streamproc.metrics.prometheus import LiveGauges, WorkerCollector, serve
 from streamproc.metrics.stats import WorkerStats
@@ -46,6 +47,7 @@ from streamproc.publish.publisher import ChunkPacing, Publisher
 from streamproc.worker.commits import Committer
 from streamproc.worker.engine_process import EngineProcess, EngineSpec
 from streamproc.worker.engine_thread import EngineThread
+from streamproc.worker.liveness import HEARTBEAT_INTERVAL_MS, SESSION_TIMEOUT_MS, Liveness
 from streamproc.worker.serving import ServingLoop
 from streamproc.worker.steps import EngineRunner
 
@@ -64,7 +66,10 @@ class Worker:
                                         linger_ms=config.linger_ms)
         self._consumer = kafka.consumer(config.bootstrap, security=config.security,
                                         group_id=config.group_id,
-                                        max_poll_records=config.max_inflight)
+                                        max_poll_records=config.max_inflight,
+                                        session_timeout_ms=SESSION_TIMEOUT_MS,
+                                        heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS)
+        self.liveness = Liveness()
         self.attempts = AttemptLog(
             kafka.consumer(config.bootstrap, security=config.security, group_id=None),
             self._producer, config.topics.attempts)
@@ -72,7 +77,11 @@ class Worker:
         self._publisher = Publisher(self._producer, config.topics.dead_letter, self._done,
                                     self._publish_failed,
                                     coalesce=config.coalesce, pacing=pacing,
-                                    stats=self.stats)
+                                    stats=self.stats, before_first=self.attempts.durable,
+                                    check_alive=self.liveness.check)
+        self._resumer = Resumer(
+            kafka.consumer(config.bootstrap, security=config.security, group_id=None),
+            self._publisher, self.stats)
         preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
                             config.max_new_tokens_cap, config.topics,
                             max_prompt_tokens=config.max_prompt_tokens)
@@ -81,7 +90,8 @@ class Worker:
                              lanes=config.topics.requests, lane_backlog=config.lane_backlog,
                              cancelled=self.cancelled,
                              max_message_bytes=config.max_message_bytes,
-                             attempts=self.attempts, poison_attempts=config.poison_attempts)
+                             attempts=self.attempts, poison_attempts=config.poison_attempts,
+                             resumer=self._resumer)
         self.controller, self.policy = _batch_policy(config)
         self._trace = StepTrace(Path(config.trace_file)) if config.trace_file else None
         self.serving = ServingLoop(_engine_runner(config, loaded), self.waiting,
@@ -106,7 +116,8 @@ class Worker:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._answers: set[asyncio.Task[None]] = set()
         self._stopped = False
-        self._committer = Committer(self._consumer, self.ledger, config.close_timeout_s)
+        self._committer = Committer(self._consumer, self.ledger, config.close_timeout_s,
+                                    self.attempts.committed)
         self._fatal: asyncio.Future[None] | None = None
         """Failed by what no stage can carry on from (a publish the broker refused)."""
 
@@ -122,9 +133,9 @@ class Worker:
         await self._consumer.start()
         control = self.config.topics.control
         await self._control.start(await self._producer.partitions_for(control))
-        if self.attempts.enabled:
-            await self.attempts.start(
-                await self._producer.partitions_for(self.config.topics.attempts))
+        await self.attempts.start(
+            await self._producer.partitions_for(self.config.topics.attempts))
+        await self._resumer.start()
         # Started here, not in its loop: a stop that cancelled the loop while the monitor
         # still connected would leave its connection open.
         await self._monitor.start()
@@ -136,9 +147,9 @@ class Worker:
             "status": asyncio.create_task(self._status_loop(), name="status"),
             "lag": asyncio.create_task(self._lag_loop(), name="lag"),
             "control": asyncio.create_task(self._control.run(), name="control"),
+            "attempts": asyncio.create_task(self.attempts.run(), name="attempts"),
+            "liveness": asyncio.create_task(self.liveness.run(), name="liveness"),
         }
-        if self.attempts.enabled:
-            self._tasks["attempts"] = asyncio.create_task(self.attempts.run(), name="attempts")
         if self.config.metrics_port:
             self._metrics_server = serve(self.registry, self.config.metrics_address,
                                          self.config.metrics_port)
@@ -171,9 +182,11 @@ class Worker:
         handed_back = self.waiting.drop()
         log.info("stopping: %d waiting requests handed back, %d running to drain",
                  len(handed_back), self.serving.running)
-        if not await self.serving.drain(self.config.drain_timeout_s):
+        # A stalled worker may have lost its partitions: it publishes nothing more.
+        drain_s = 0.0 if self.liveness.tripped else self.config.drain_timeout_s
+        if not await self.serving.drain(drain_s):
             self.serving.hand_back_running()
-        for name in ("serving", "commit", "status", "lag"):
+        for name in ("serving", "commit", "status", "lag", "liveness"):
             await _cancel(self._tasks.pop(name, None))
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -195,6 +208,7 @@ class Worker:
             ("shutdown: closing the consumer", self._consumer.stop),
             ("shutdown: closing the control listener", self._control.stop),
             ("shutdown: closing the attempts log", self.attempts.stop),
+            ("shutdown: closing the takeover reader", self._resumer.stop),
             ("shutdown: closing the producer", self._producer.stop),
         ), self.config.close_timeout_s)
 
@@ -296,6 +310,7 @@ class Worker:
         # hold up the whole group's rebalance, and past its timeout get this worker expelled.
         # What is not committed is served again by the new owner (at least once).
         await self._committer.revoke(revoked, self._publisher.flush)
+        self.attempts.revoked(revoked)
         log.info("partitions revoked: %s; %d waiting and %d running requests handed back",
                  sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked), len(dropped),
                  abandoned)

@@ -30,8 +30,11 @@ class Committing(Protocol):
 
 
 class Committer:
-    def __init__(self, consumer: Committing, ledger: Ledger, timeout_s: float) -> None:
+    def __init__(self, consumer: Committing, ledger: Ledger, timeout_s: float,
+                 on_committed: Callable[[dict[TopicPartition, int]], None] = lambda _: None
+                 ) -> None:
         self._consumer, self._ledger, self._timeout_s = consumer, ledger, timeout_s
+        self._on_committed = on_committed
         self._lock = asyncio.Lock()
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
@@ -70,3 +73,4 @@ class Committer:
             log.warning("commit of %d partitions failed: %s", len(offsets), exc)
             return
         self._ledger.committed(planned)
+        self._on_committed(offsets)
