@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # TORCH_SPEC="torch==2.13.0+cu126" with your index configured in pip.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench lint typecheck unit schema clean
+.PHONY: demo test bench bench-takeover lint typecheck unit schema clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed (set PYTHON=...)")'
@@ -25,6 +25,10 @@ demo: $(BIN)/.installed
 # Naive worker, fixed-window batcher and streamproc on one trace; under 10 minutes here.
 bench: $(BIN)/.installed
 	$(BIN)/streamproc bench --json bench-report.json --png bench-report.png
+
+# What resuming after a takeover costs: in steady state and per takeover (about 2 minutes).
+bench-takeover: $(BIN)/.installed
+	$(BIN)/python -m streamproc.devtools.bench.takeover
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check streamproc tests
