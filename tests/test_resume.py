@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from collections import defaultdict
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 
 from streamproc import kafka, wire
 from streamproc.client import Result, StreamprocClient
@@ -87,18 +89,23 @@ def held_at_takeover(messages: list[Raw]) -> list[int] | None:
     return None if end is not None else tokens
 
 
-async def submit(client: StreamprocClient, count: int
+async def submit(client: StreamprocClient, count: int, mid_stream: dict[str, int] | None = None
                  ) -> tuple[list[str], list[asyncio.Task[Result]], asyncio.Event]:
-    """``count`` greedy jobs; the event is set once some streams are under way."""
+    """``count`` greedy jobs; the event is set once 4 streams began. ``mid_stream``, if
+    given, holds the tokens received so far of each stream begun and not yet ended."""
     prompts = [f"resume {i}: " + "kafka streams " * (i % 5) for i in range(count)]
     under_way = asyncio.Event()
     started: set[str] = set()
+    progress = mid_stream if mid_stream is not None else {}
 
     async def follow(stream: Any) -> Result:
-        async for _ in stream:
+        async for chunk in stream:
             started.add(stream.request_id)
+            progress[stream.request_id] = progress.get(stream.request_id, 0) + len(
+                chunk.token_ids)
             if len(started) >= 4:
                 under_way.set()
+        progress.pop(stream.request_id, None)
         result: Result = await stream.result()
         return result
 
@@ -185,8 +192,11 @@ async def test_a_worker_frozen_past_its_session_timeout_cannot_split_a_stream(
     await other.start()
     assert frozen.process is not None
     async with client_for(worker_config) as client:
-        prompts, tasks, under_way = await submit(client, 48)
-        await asyncio.wait_for(under_way.wait(), 60)
+        mid_stream: dict[str, int] = {}
+        prompts, tasks, _ = await submit(client, 96, mid_stream)
+        # Frozen the moment a stream of its own is half-way.
+        lane = worker_config.topics.requests[0]
+        await asyncio.wait_for(half_way_on(frozen.log, lane, mid_stream), 60)
         os.kill(frozen.process.pid, signal.SIGSTOP)
         try:
             await wait_for_text(other.log, "took over", 60)
@@ -202,6 +212,23 @@ async def test_a_worker_frozen_past_its_session_timeout_cannot_split_a_stream(
     assert "stood still" in frozen.log.read_text()
     raw = await raw_streams(worker_config)
     assert assert_resumed(loaded_model, other_model, prompts, results, raw) > 0
+
+
+def owned(log: Path, topic: str) -> set[int]:
+    """The partitions of ``topic`` a worker process was last assigned, from its log."""
+    lines = [line for line in log.read_text().splitlines() if "partitions assigned" in line]
+    return {int(p) for p in re.findall(re.escape(topic) + r"\[(\d+)\]", lines[-1])}
+
+
+async def half_way_on(log: Path, topic: str, mid_stream: dict[str, int]) -> None:
+    """Until a stream that the worker logging to ``log`` serves has tokens and no end."""
+    partitions = list(range(4))  # as processes.write_topics_file declares them
+    while True:
+        mine = owned(log, topic)
+        if any(count > 0 and DefaultPartitioner()(rid.encode(), partitions, partitions) in mine
+               for rid, count in list(mid_stream.items())):
+            return
+        await asyncio.sleep(0.002)
 
 
 def said(log: Path, text: str) -> bool:
