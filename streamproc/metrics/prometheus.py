@@ -89,6 +89,19 @@ class WorkerCollector(Collector):
                                   "Jobs whose request id was already read at another offset "
                                   "of the partition (a producer's retry): not served twice.",
                                   value=self._stats.duplicates)
+        prefix = self._stats.prefix
+        yield CounterMetricFamily("streamproc_prefix_lookup_tokens",
+                                  "Prompt tokens looked up in the prefix cache.",
+                                  value=prefix.lookup_tokens)
+        yield CounterMetricFamily("streamproc_prefix_hit_tokens",
+                                  "Prompt tokens whose keys and values came from the prefix "
+                                  "cache (not computed).", value=prefix.hit_tokens)
+        yield CounterMetricFamily("streamproc_prefix_evictions",
+                                  "Blocks evicted from the prefix cache.",
+                                  value=prefix.evictions)
+        yield GaugeMetricFamily("streamproc_prefix_cached_bytes",
+                                "Bytes of keys and values the prefix cache holds.",
+                                value=prefix.cached_bytes)
         yield CounterMetricFamily("streamproc_takeovers",
                                   "Requests taken over from an attempt that had started them "
                                   "(resumed from what it published).",

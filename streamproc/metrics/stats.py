@@ -13,6 +13,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import accumulate
 
+from streamproc.engine.prefix_cache import PrefixStats
 from streamproc.engine.sequence import Outcome
 
 RATE_WINDOW_S = 30.0
@@ -93,6 +94,8 @@ class WorkerStats:
     chunks_published: int = 0
     duplicates: int = 0
     """Jobs read again under a request id already read at another offset: not served."""
+    prefix: PrefixStats = field(default_factory=PrefixStats)
+    """The engine's prefix cache, as of the last step."""
     takeovers: int = 0
     """Requests taken over from an attempt that had started them."""
     takeover_records_read: int = 0

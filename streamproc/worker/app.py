@@ -367,8 +367,10 @@ def _engine_runner(config: WorkerConfig, loaded: LoadedModel) -> EngineRunner:
     if config.engine_process:
         return EngineProcess(EngineSpec(config.model,
                                         config.device, config.allow_unsafe_weights,
-                                        config.prefill_chunk_tokens, config.torch_threads))
+                                        config.prefill_chunk_tokens, config.torch_threads,
+                                        config.prefix_cache_bytes))
     if loaded.model is None:
         raise ConfigError("engine_process is off, but the model was only described "
                           "(describe_model): load it with load_model")
-    return EngineThread(Engine(loaded, prefill_chunk_tokens=config.prefill_chunk_tokens))
+    return EngineThread(Engine(loaded, prefill_chunk_tokens=config.prefill_chunk_tokens,
+                               prefix_cache_bytes=config.prefix_cache_bytes))

@@ -65,6 +65,7 @@ class EngineSpec(msgspec.Struct, frozen=True):
     allow_unsafe_weights: bool
     prefill_chunk_tokens: int
     cpu_threads: int
+    prefix_cache_bytes: int = 0
 
 
 class Launch(msgspec.Struct, frozen=True):
@@ -260,7 +261,8 @@ def _crash_hook() -> Callable[[list[PreparedRequest]], None]:
 def _build(spec: EngineSpec) -> Engine:
     loaded = load_model(spec.model, spec.device, allow_unsafe_weights=spec.allow_unsafe_weights)
     apply_serving_threads(loaded.device, spec.cpu_threads)
-    engine = Engine(loaded, prefill_chunk_tokens=spec.prefill_chunk_tokens)
+    engine = Engine(loaded, prefill_chunk_tokens=spec.prefill_chunk_tokens,
+                    prefix_cache_bytes=spec.prefix_cache_bytes)
     engine.warm_up()
     # As the worker does for its own process: the model and the imported modules live
     # as long as this one, and a full collection walks them all (110-270 ms each

@@ -177,6 +177,7 @@ class ServingLoop:
             stats.decode_step.observe(done.decode_s)
         stats.batch_sequences.observe(jobs)
         stats.batch_tokens.observe(done.kv_tokens)
+        stats.prefix = done.prefix
         gaps, firsts = [], []
         for event in done.events:
             key = event.source.key

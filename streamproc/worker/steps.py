@@ -9,12 +9,13 @@ implemented once in :mod:`streamproc.worker.runner`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
 
 from streamproc.engine.engine import Engine
+from streamproc.engine.prefix_cache import PrefixStats
 from streamproc.engine.sequence import PreparedRequest, TokenEvent
 
 
@@ -30,6 +31,7 @@ class StepFigures(msgspec.Struct, frozen=True, array_like=True):
     ended_wall: float
     decode_rows: int
     prefill_tokens: int
+    prefix: PrefixStats
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,9 @@ class StepResult:
     decode_rows: int = 0
     """Rows the step decoded."""
     prefill_tokens: int = 0
-    """Prompt tokens the step prefilled."""
+    """Prompt tokens the step prefilled (computed: cached prefixes are not)."""
+    prefix: PrefixStats = field(default_factory=PrefixStats)
+    """The prefix cache's counts so far, as the step ended."""
 
     @classmethod
     def of(cls, figures: StepFigures, events: list[TokenEvent]) -> StepResult:
@@ -58,7 +62,7 @@ class StepResult:
     def figures(self) -> StepFigures:
         return StepFigures(self.busy_s, self.prefill_s, self.decode_s, self.kv_tokens,
                            self.ended, self.ended_wall, self.decode_rows,
-                           self.prefill_tokens)
+                           self.prefill_tokens, self.prefix)
 
 
 def run_step(engine: Engine, admitted: list[PreparedRequest], abandon: frozenset[int],
@@ -69,7 +73,7 @@ def run_step(engine: Engine, admitted: list[PreparedRequest], abandon: frozenset
     ended = time.monotonic()
     return StepResult(events, ended - started, engine.last_prefill_s, engine.last_decode_s,
                       engine.kv_tokens, ended, time.time(), engine.last_decode_rows,
-                      engine.last_prefill_tokens)
+                      engine.last_prefill_tokens, engine.prefixes.stats.snapshot())
 
 
 DEFAULT_AHEAD = 2
