@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # TORCH_SPEC="torch==2.13.0+cu126" with your index configured in pip.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench bench-takeover lint typecheck unit schema clean
+.PHONY: demo test bench bench-takeover bench-prefix gpu-check gpu-check-wheels lint typecheck unit schema clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed (set PYTHON=...)")'
@@ -29,6 +29,27 @@ bench: $(BIN)/.installed
 # What resuming after a takeover costs: in steady state and per takeover (about 2 minutes).
 bench-takeover: $(BIN)/.installed
 	$(BIN)/python -m streamproc.devtools.bench.takeover
+
+# The prefix cache on and off on one shared instruction, and its cost on unique prompts.
+bench-prefix: $(BIN)/.installed
+	$(BIN)/python -m streamproc.devtools.bench.shared_prefix
+
+# The engine against generate() on a GPU: a random-weight 1B Llama, bf16, batch 1/8/32/128.
+# Runs on a machine with torch and transformers and no package registry: what else it
+# needs installs from deploy/gpu-check/wheels (fill it here with `make gpu-check-wheels`).
+GPU_CHECK_WHEELS := deploy/gpu-check/wheels
+gpu-check:
+	@$(PYTHON) -c 'import msgspec, aiokafka' 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet --no-index --find-links $(GPU_CHECK_WHEELS) msgspec aiokafka
+	PYTHONPATH=. $(PYTHON) -m streamproc.devtools.gpu_check --json gpu-check.json
+
+gpu-check-wheels: $(BIN)/.installed
+	for v in 3.10 3.11 3.12 3.13; do \
+		$(BIN)/python -m pip download --quiet --only-binary=:all: --dest $(GPU_CHECK_WHEELS) \
+			--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+			--python-version $$v msgspec aiokafka async-timeout packaging typing-extensions; \
+	done
+	du -sh $(GPU_CHECK_WHEELS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check streamproc tests
