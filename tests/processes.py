@@ -9,8 +9,14 @@ import sys
 import time
 from contextlib import suppress
 from pathlib import Path
+from typing import TypeVar
 
+from streamproc.client import StreamprocClient
 from streamproc.config import TopicNames, WorkerConfig
+
+from .helpers import wait_for_lag_zero
+
+T = TypeVar("T")
 
 
 def write_topics_file(directory: Path, names: TopicNames) -> Path:
@@ -66,3 +72,25 @@ class WorkerProcess:
         if self.process is not None and self.process.returncode is None:
             with suppress(ProcessLookupError):
                 os.kill(self.process.pid, signal.SIGKILL)
+
+
+async def gather_then_stop(config: WorkerConfig, tasks: list[asyncio.Task[T]],
+                           worker: WorkerProcess) -> list[T]:
+    """Every task's outcome; then, with the worker still up, its commits catching up.
+
+    A final can go out just as its partition is revoked: the client has its answer, but the
+    record was not committed, so it is read and served again (the client drops the repeat).
+    The lag reaches 0 once that is done, so it is awaited before the worker stops.
+    """
+    try:
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
+        await wait_for_lag_zero(config.bootstrap, config.group_id, config.topics.requests, 60)
+    finally:
+        await worker.terminate()
+    return outcomes
+
+
+def client_for(config: WorkerConfig) -> StreamprocClient:
+    """A client of the first (highest) lane and the default reply topic."""
+    return StreamprocClient(config.bootstrap, request_topic=config.topics.requests[0],
+                            reply_topic=config.topics.responses)

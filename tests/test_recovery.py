@@ -1,4 +1,5 @@
-"""Crashes, departures and outages with real processes and a real broker.
+"""Departures and outages with real processes and a real broker (``kill -9`` and a frozen
+worker: ``tests/test_resume.py``).
 
 Whatever happens to workers or the broker, the client API hands each request's
 stream over exactly once, in order, complete.
@@ -24,8 +25,8 @@ from streamproc.devtools import localkafka
 from streamproc.engine.loader import LoadedModel
 from streamproc.worker.app import Worker
 
-from .helpers import read_topic, reference_tokens, streams_by_request, wait_for_lag_zero
-from .processes import WorkerProcess, write_topics_file
+from .helpers import reference_tokens, wait_for_lag_zero
+from .processes import WorkerProcess, client_for, gather_then_stop, write_topics_file
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
 
@@ -54,7 +55,7 @@ def contiguous(seen: Seen) -> bool:
 
 
 def params(i: int) -> wire.GenerationParams:
-    # One in four samples without a seed: a replay must still splice exactly.
+    # One in four samples without a seed: a resumed stream must still continue exactly.
     if i % 4 == 0:
         return wire.GenerationParams(max_new_tokens=48, temperature=0.9, top_p=0.95)
     return wire.GenerationParams(max_new_tokens=48)
@@ -94,47 +95,6 @@ async def assert_all_served(config: WorkerConfig, loaded: LoadedModel, prompts: 
                                    config.topics.requests) == 0
 
 
-async def outcomes_then_stop(config: WorkerConfig, tasks: list[asyncio.Task[tuple[Result, Seen]]],
-                             worker: WorkerProcess) -> list[tuple[Result, Seen]]:
-    """Every request's outcome; then, with the worker still up, its commits catching up.
-
-    A final can go out just as its partition is revoked: the client has its answer, but the
-    record was not committed, so it is read and served again (the client drops the repeat).
-    The lag reaches 0 once that is done, so it is awaited before the worker stops.
-    """
-    try:
-        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 240)
-        await wait_for_lag_zero(config.bootstrap, config.group_id, config.topics.requests, 60)
-    finally:
-        await worker.terminate()
-    return outcomes
-
-
-def client_for(config: WorkerConfig) -> StreamprocClient:
-    return StreamprocClient(config.bootstrap, request_topic=config.topics.requests[0],
-                            reply_topic=config.topics.responses)
-
-
-async def test_kill_9_with_200_in_flight_then_a_new_worker_finishes_them(
-        worker_config: WorkerConfig, loaded_model: LoadedModel, tmp_path: Path) -> None:
-    topics_dir = write_topics_file(tmp_path / "topics", worker_config.topics)
-    first = WorkerProcess(worker_config, topics_dir, tmp_path / "first.log")
-    await first.start()
-    async with client_for(worker_config) as client:
-        prompts, tasks, started = await submit_all(client, 200)
-        await asyncio.wait_for(started.wait(), 60)
-        assert first.process is not None
-        first.process.kill()
-        await first.process.wait()
-        assert sum(not t.done() for t in tasks) > 0, "the crash came too late to matter"
-        second = WorkerProcess(worker_config, topics_dir, tmp_path / "second.log")
-        await second.start()
-        outcomes = await outcomes_then_stop(worker_config, tasks, second)
-    await assert_all_served(worker_config, loaded_model, prompts, outcomes)
-    raw = streams_by_request(await read_topic(worker_config.bootstrap,
-                                              worker_config.topics.responses))
-    replayed = [rid for rid, msgs in raw.items() if len({m.attempt for m in msgs}) > 1]
-    assert replayed, "no stream was regenerated: the kill did not interrupt any"
 
 
 async def test_two_workers_one_leaves_mid_run_the_other_takes_over(
@@ -149,7 +109,7 @@ async def test_two_workers_one_leaves_mid_run_the_other_takes_over(
         prompts, tasks, started = await submit_all(client, 200)
         await asyncio.wait_for(started.wait(), 60)
         assert await leaving.terminate() == 0
-        outcomes = await outcomes_then_stop(worker_config, tasks, staying)
+        outcomes = await gather_then_stop(worker_config, tasks, staying)
     await assert_all_served(worker_config, loaded_model, prompts, outcomes)
     assert staying.log.read_text().count("partitions assigned") >= 2  # it took over
 
@@ -194,7 +154,7 @@ async def test_the_broker_stops_for_10s_mid_run_and_everything_completes(
             assert sum(not t.done() for t in tasks) > 0, "all done before the outage"
             await asyncio.sleep(10)
             await asyncio.to_thread(localkafka.restart_broker, state_dir)
-            outcomes = await outcomes_then_stop(config, tasks, worker)
+            outcomes = await gather_then_stop(config, tasks, worker)
         await assert_all_served(config, loaded_model, prompts, outcomes)
 
 

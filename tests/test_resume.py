@@ -33,8 +33,8 @@ from streamproc.flow.ledger import Ticket
 from streamproc.ingest.attempts import AttemptLog
 from streamproc.worker.liveness import Liveness
 
-from .helpers import read_topic, reference_tokens, wait_for_lag_zero
-from .processes import WorkerProcess, write_topics_file
+from .helpers import read_topic, reference_tokens
+from .processes import WorkerProcess, client_for, gather_then_stop, write_topics_file
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
 MAX_NEW = 40
@@ -143,9 +143,6 @@ def assert_resumed(first: LoadedModel, second: LoadedModel, prompts: list[str],
     return diverged
 
 
-def client_for(config: WorkerConfig) -> StreamprocClient:
-    return StreamprocClient(config.bootstrap, request_topic=config.topics.requests[0],
-                            reply_topic=config.topics.responses)
 
 
 async def test_after_kill_9_a_worker_with_another_model_continues_every_stream(
@@ -165,12 +162,7 @@ async def test_after_kill_9_a_worker_with_another_model_continues_every_stream(
         await first.process.wait()
         assert sum(not t.done() for t in tasks) > 0, "the kill came too late to matter"
         await second.start()
-        try:
-            results = await asyncio.wait_for(asyncio.gather(*tasks), 240)
-            await wait_for_lag_zero(worker_config.bootstrap, worker_config.group_id,
-                                    worker_config.topics.requests, 60)
-        finally:
-            await second.terminate()
+        results = await gather_then_stop(worker_config, tasks, second)
     raw = await raw_streams(worker_config)
     assert assert_resumed(loaded_model, other_model, prompts, results, raw) > 0, \
         "no stream was taken over mid-way"
@@ -203,12 +195,7 @@ async def test_a_worker_frozen_past_its_session_timeout_cannot_split_a_stream(
         finally:
             os.kill(frozen.process.pid, signal.SIGCONT)
         assert await asyncio.wait_for(frozen.process.wait(), 60) == 9
-        try:
-            results = await asyncio.wait_for(asyncio.gather(*tasks), 240)
-            await wait_for_lag_zero(worker_config.bootstrap, worker_config.group_id,
-                                    worker_config.topics.requests, 60)
-        finally:
-            await other.terminate()
+        results = await gather_then_stop(worker_config, tasks, other)
     assert "stood still" in frozen.log.read_text()
     raw = await raw_streams(worker_config)
     assert assert_resumed(loaded_model, other_model, prompts, results, raw) > 0

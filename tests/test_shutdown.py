@@ -57,13 +57,13 @@ async def test_sigterm_mid_stream_then_restart_completes_every_request(
             assert await second.terminate() == 0
 
     assert len({r.request_id for r in results}) == REQUESTS
-    for result in results:  # nothing doubled or dropped where a replay was spliced in
+    for result in results:  # nothing doubled or dropped where a stream was taken over
         assert result.usage.completion_tokens == len(result.token_ids)
         assert result.finish_reason in ("length", "stop")
     tokenizer = loaded_model.tokenizer
     for prompt, result in list(zip(prompts, results, strict=True))[:6]:
         expected = reference_tokens(loaded_model, tokenizer(prompt).input_ids, MAX_NEW_TOKENS)
-        assert result.token_ids == expected, "a replayed stream was spliced wrongly"
+        assert result.token_ids == expected, "a taken-over stream was continued wrongly"
     lag = await wait_for_lag_zero(worker_config.bootstrap, worker_config.group_id,
                                   worker_config.topics.requests)
     assert lag == 0

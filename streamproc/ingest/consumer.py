@@ -250,12 +250,8 @@ class Ingest:
         if envelope is None:
             self._stats.failed("poison")
             return
-        # It was started: its readers follow an attempt, so the error ends a takeover.
-        attempt = uuid.uuid4().hex[:12]
-        topic = self._answer_topic(envelope.reply_topic)
-        await self._publisher.takeover(topic, envelope.request_id, attempt)
-        await self._reject(record, ticket, envelope.request_id, topic,
-                           RequestError("poison", detail), dead_lettered=True, attempt=attempt)
+        await self._reject(record, ticket, envelope.request_id, envelope.reply_topic,
+                           RequestError("poison", detail), dead_lettered=True)
 
     async def _unprocessable(self, record: ConsumerRecord, ticket: Ticket,
                              request: GenerationRequest, exc: Exception) -> None:
@@ -272,8 +268,7 @@ class Ingest:
 
     async def _reject(self, record: ConsumerRecord, ticket: Ticket, request_id: str,
                       reply_topic: str,
-                      exc: RequestError, *, dead_lettered: bool = False,
-                      attempt: str = "") -> None:
+                      exc: RequestError, *, dead_lettered: bool = False) -> None:
         log.info("request %s rejected: %s: %s", request_id, exc.code, exc.message,
                  extra={**record_context(record.topic, record.partition, record.offset,
                                          request_id), "code": exc.code})
@@ -281,6 +276,12 @@ class Ingest:
         topic = self._answer_topic(reply_topic)
         if topic != (reply_topic or self._preparer.reply_topic_default) and not dead_lettered:
             await self._publisher.dead_letter(record, exc.code, exc.message, ticket)
+        attempt = ""
+        if self._attempts.started(ticket) is not None:
+            # Started elsewhere (a poison record; settings changed between two workers):
+            # its readers follow an attempt, so the error comes as a takeover's.
+            attempt = uuid.uuid4().hex[:12]
+            await self._publisher.takeover(topic, request_id, attempt)
         await self._publisher.reject(topic, request_id, ticket, exc.code, exc.message, attempt)
 
     def _answer_topic(self, reply_topic: str) -> str:

@@ -78,46 +78,35 @@ class WorkerCollector(Collector):
         for outcome, count in sorted(self._stats.outcomes.items()):
             outcomes.add_metric([outcome], count)
         yield outcomes
-        yield CounterMetricFamily("streamproc_generated_tokens", "Tokens generated.",
-                                  value=self._stats.tokens_generated)
-        yield CounterMetricFamily("streamproc_chunks_published", "Token chunks published.",
-                                  value=self._stats.chunks_published)
-        yield CounterMetricFamily("streamproc_chunk_tokens_published",
-                                  "Tokens in published chunks (per chunk: how much coalescing "
-                                  "merged).", value=self._stats.chunk_tokens_published)
-        yield CounterMetricFamily("streamproc_duplicate_requests",
-                                  "Jobs whose request id was already read at another offset "
-                                  "of the partition (a producer's retry): not served twice.",
-                                  value=self._stats.duplicates)
-        prefix = self._stats.prefix
-        yield CounterMetricFamily("streamproc_prefix_lookup_tokens",
-                                  "Prompt tokens looked up in the prefix cache.",
-                                  value=prefix.lookup_tokens)
-        yield CounterMetricFamily("streamproc_prefix_hit_tokens",
-                                  "Prompt tokens whose keys and values came from the prefix "
-                                  "cache (not computed).", value=prefix.hit_tokens)
-        yield CounterMetricFamily("streamproc_prefix_evictions",
-                                  "Blocks evicted from the prefix cache.",
-                                  value=prefix.evictions)
+        stats, prefix = self._stats, self._stats.prefix
+        counters = [
+            ("generated_tokens", "Tokens generated.", stats.tokens_generated),
+            ("chunks_published", "Token chunks published.", stats.chunks_published),
+            ("chunk_tokens_published", "Tokens in published chunks (per chunk: how much "
+             "coalescing merged).", stats.chunk_tokens_published),
+            ("duplicate_requests", "Jobs whose request id was already read at another "
+             "offset of the partition (a producer's retry): not served twice.",
+             stats.duplicates),
+            ("prefix_lookup_tokens", "Prompt tokens looked up in the prefix cache.",
+             prefix.lookup_tokens),
+            ("prefix_hit_tokens", "Prompt tokens whose keys and values came from the prefix "
+             "cache (not computed).", prefix.hit_tokens),
+            ("prefix_evictions", "Blocks evicted from the prefix cache.", prefix.evictions),
+            ("takeovers", "Requests taken over from an attempt that had started them "
+             "(resumed from what it published).", stats.takeovers),
+            ("takeover_records_read", "Reply records read to learn where taken-over streams "
+             "stood.", stats.takeover_records_read),
+            ("takeover_seconds", "Time spent claiming taken-over requests and reading their "
+             "streams back.", stats.takeover_seconds),
+            ("mark_wait_seconds", "Time streams' first messages waited for their record's "
+             "attempts mark to be acknowledged.", stats.mark_wait_seconds),
+            ("streams_opened", "Streams begun.", stats.streams_opened),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(f"streamproc_{name}", doc, value=value)
         yield GaugeMetricFamily("streamproc_prefix_cached_bytes",
                                 "Bytes of keys and values the prefix cache holds.",
                                 value=prefix.cached_bytes)
-        yield CounterMetricFamily("streamproc_takeovers",
-                                  "Requests taken over from an attempt that had started them "
-                                  "(resumed from what it published).",
-                                  value=self._stats.takeovers)
-        yield CounterMetricFamily("streamproc_takeover_records_read",
-                                  "Reply records read to learn where taken-over streams stood.",
-                                  value=self._stats.takeover_records_read)
-        yield CounterMetricFamily("streamproc_takeover_seconds",
-                                  "Time spent claiming taken-over requests and reading their "
-                                  "streams back.", value=self._stats.takeover_seconds)
-        yield CounterMetricFamily("streamproc_mark_wait_seconds",
-                                  "Time streams' first messages waited for their record's "
-                                  "attempts mark to be acknowledged.",
-                                  value=self._stats.mark_wait_seconds)
-        yield CounterMetricFamily("streamproc_streams_opened", "Streams begun.",
-                                  value=self._stats.streams_opened)
         changes = CounterMetricFamily("streamproc_window_adjustments",
                                       "Adaptive-window decisions, by reason.", labels=["reason"])
         for reason, count in sorted(self._stats.window_changes.items()):
