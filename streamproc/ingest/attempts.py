@@ -148,6 +148,9 @@ class AttemptLog:
         """Their next owner reads those entries and removes them after its own commit."""
         for tp in partitions:
             self._finished.pop(tp, None)
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        for key in [k for k in self._marks if k[:2] in gone]:
+            del self._marks[key]
 
     def _mark(self, ticket: Ticket, attempts: int) -> None:
         key = _key(ticket)
