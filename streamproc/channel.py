@@ -79,13 +79,17 @@ class WaitingQueue:
         self._lanes[rank].append(job)
         self._arrived.set()
 
-    def take(self, count: int, running: int = 0) -> list[Job]:
-        """Up to ``count`` jobs from the head, highest lane first. A job that must run
-        alone (:attr:`Job.alone`) is taken only by itself, into an empty engine
-        (``running`` 0): jobs behind it wait until it is done."""
+    def take(self, count: int, running: int = 0,
+             fits: Callable[[list[Job], Job], bool] | None = None) -> list[Job]:
+        """Up to ``count`` jobs from the head, highest lane first, stopping at the first
+        that does not ``fits`` beside those taken. A job that must run alone
+        (:attr:`Job.alone`) is taken only by itself, into an empty engine (``running``
+        0): jobs behind it wait until it is done."""
         taken: list[Job] = []
         for lane in self._lanes:
             while lane and len(taken) < count:
+                if fits is not None and not fits(taken, lane[0]):
+                    return taken
                 if lane[0].alone:
                     if not taken and not running:
                         taken.append(lane.popleft())

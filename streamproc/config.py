@@ -230,6 +230,11 @@ class WorkerConfig:
     """Larger request messages go to the dead-letter topic unread."""
     max_prompt_tokens: int = 8192
     """Longer prompts are refused (``prompt_too_long``) whatever the model's context."""
+    kv_memory_bytes: int = 0
+    """The running batch's keys and values are kept within this many bytes (rows times the
+    widest prompt + max_new_tokens, at the model's bytes per token): admissions wait for
+    room, and a request that could not fit alone is refused (``prompt_too_long``); 0: no
+    bound. On a GPU, set it to what is free once the model is loaded, less headroom."""
     allow_unsafe_weights: bool = False
     """Load pickle-based weight files (``.bin``); off: only safetensors, nothing unpickled."""
     trace_file: str = ""
@@ -268,6 +273,9 @@ class WorkerConfig:
             raise ConfigError("linger_ms must be >= 0")
         if self.chunk_rate < 0:
             raise ConfigError(f"chunk_rate must be >= 0 (0: no pacing), got {self.chunk_rate}")
+        if self.kv_memory_bytes < 0:
+            raise ConfigError(f"kv_memory_bytes must be >= 0 (0: no bound), got "
+                              f"{self.kv_memory_bytes}")
         if self.prefix_cache_bytes < 0:
             raise ConfigError(f"prefix_cache_bytes must be >= 0 (0: off), got "
                               f"{self.prefix_cache_bytes}")

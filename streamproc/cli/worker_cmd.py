@@ -84,6 +84,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "rebalance's flush and commit ({})", "close_timeout_s"))
     p.add_argument("--max-prompt-tokens", type=int,
                    help=_help("longest prompt accepted ({})", "max_prompt_tokens"))
+    p.add_argument("--kv-memory-bytes", type=int, help=_help(
+        "keep the running batch's keys and values within this many bytes; admissions wait "
+        "for room ({}; 0: no bound)", "kv_memory_bytes"))
     p.add_argument("--reply-topic-pattern", help="regex of extra reply topics jobs may name")
     p.add_argument("--allow-unsafe-weights", action="store_true", default=None,
                    help="also load pickle-based .bin weights (default: safetensors only)")

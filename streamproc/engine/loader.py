@@ -17,6 +17,7 @@ from streamproc import logs
 from streamproc.config import Device
 from streamproc.engine import catalog
 from streamproc.errors import ConfigError, ModelError
+from streamproc.flow.kv_budget import kv_bytes_per_token
 
 logs.adopt_library_loggers()  # transformers was just imported
 
@@ -34,6 +35,8 @@ class LoadedModel:
     max_context: int
     eos_ids: frozenset[int]
     pad_id: int
+    kv_bytes_per_token: int = 0
+    """Keys and values of one token over every layer, at ``dtype`` (0: unknown)."""
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -83,6 +86,7 @@ def load_model(name: str, device: Device = "auto", *,
         max_context=_max_context(model.config, tokenizer),
         eos_ids=_eos_ids(model.generation_config, tokenizer),
         pad_id=_pad_id(tokenizer),
+        kv_bytes_per_token=_kv_bytes_per_token(model.config, dtype),
     )
 
 
@@ -98,7 +102,20 @@ def describe_model(name: str, device: Device = "auto") -> LoadedModel:
         generation = GenerationConfig.from_model_config(config)
     return LoadedModel(model=None, tokenizer=tokenizer, device=target,
                        dtype=pick_dtype(target), max_context=_max_context(config, tokenizer),
-                       eos_ids=_eos_ids(generation, tokenizer), pad_id=_pad_id(tokenizer))
+                       eos_ids=_eos_ids(generation, tokenizer), pad_id=_pad_id(tokenizer),
+                       kv_bytes_per_token=_kv_bytes_per_token(config, pick_dtype(target)))
+
+
+def _kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """From the model's config: 0 where it does not say (an unusual architecture)."""
+    config = getattr(config, "text_config", None) or config
+    heads = getattr(config, "num_attention_heads", 0)
+    layers, hidden = getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
+    if not (heads and layers and hidden):
+        return 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return kv_bytes_per_token(layers, kv_heads, head_dim, torch.finfo(dtype).bits // 8)
 
 
 def _device_and_tokenizer(name: str, device: Device) -> tuple[str, torch.device, Any]:

@@ -23,10 +23,14 @@ class Preparer:
     """Owns a tokenizer of its own (tokenizers are not shared across threads)."""
 
     def __init__(self, tokenizer: Any, max_context: int, max_new_tokens_cap: int,
-                 topics: TopicNames, *, max_prompt_tokens: int | None = None) -> None:
+                 topics: TopicNames, *, max_prompt_tokens: int | None = None,
+                 max_span_tokens: int = 0) -> None:
+        """``max_span_tokens``: prompt + max_new_tokens beyond this are refused (the
+        worker's KV memory could never hold them); 0: no bound."""
         self._tokenizer = tokenizer
         self._max_context = max_context
         self._max_prompt = max_prompt_tokens or max_context
+        self._max_span = max_span_tokens
         self._cap = max_new_tokens_cap
         self._topics = topics
 
@@ -57,6 +61,13 @@ class Preparer:
                 f"prompt has {len(ids)} tokens; with max_new_tokens="
                 f"{request.params.max_new_tokens} it exceeds the {self._max_context}-token context",
             )
+        span = len(ids) + request.params.max_new_tokens
+        if self._max_span and span > self._max_span:
+            raise RequestError(
+                "prompt_too_long",
+                f"prompt ({len(ids)} tokens) and max_new_tokens "
+                f"({request.params.max_new_tokens}) need {span} tokens of KV memory; this "
+                f"worker's --kv-memory-bytes holds {self._max_span}")
         return PreparedRequest(request, ids, request.params.max_new_tokens,
                                _origin(request.submitted_at, appended_at))
 

@@ -33,6 +33,7 @@ from streamproc.engine.loader import LoadedModel, load_tokenizer
 from streamproc.engine.sequence import unserved_event
 from streamproc.engine.threads import apply_serving_threads, usable_cores
 from streamproc.errors import ConfigError, PublishError
+from streamproc.flow.kv_budget import KvBudget
 from streamproc.flow.ledger import Ledger, Ticket
 from streamproc.ingest.attempts import AttemptLog
 from streamproc.ingest.consumer import Ingest
@@ -82,9 +83,14 @@ class Worker:
         self._resumer = Resumer(
             kafka.consumer(config.bootstrap, security=config.security, group_id=None),
             self._publisher, self.stats)
+        kv_budget = KvBudget.of(config.kv_memory_bytes, loaded.kv_bytes_per_token)
+        if config.kv_memory_bytes and not kv_budget.bounded:
+            log.warning("--kv-memory-bytes is ignored: this model's config does not say how "
+                        "many bytes a token's keys and values take")
         preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
                             config.max_new_tokens_cap, config.topics,
-                            max_prompt_tokens=config.max_prompt_tokens)
+                            max_prompt_tokens=config.max_prompt_tokens,
+                            max_span_tokens=kv_budget.tokens)
         self.ingest = Ingest(self._consumer, preparer, self.waiting, self.ledger,
                              self._publisher, self.stats,
                              lanes=config.topics.requests, lane_backlog=config.lane_backlog,
@@ -102,7 +108,7 @@ class Worker:
                                    trace=self._trace,
                                    on_admit=lambda job: self.attempts.admitted(job.ticket,
                                                                                job.deaths),
-                                   on_handback=self._handed_back)
+                                   on_handback=self._handed_back, kv_budget=kv_budget)
         self._device = loaded.device
         self._control = ControlListener(
             kafka.consumer(config.bootstrap, security=config.security, group_id=None),

@@ -23,6 +23,7 @@ from streamproc.admission.adaptive import AdaptiveController
 from streamproc.admission.policy import BatchDecision, BatchPolicy
 from streamproc.channel import Job, WaitingQueue
 from streamproc.engine.sequence import TokenEvent
+from streamproc.flow.kv_budget import UNBOUNDED, KvBudget
 from streamproc.metrics.stats import WorkerStats
 from streamproc.metrics.trace import StepRecord, StepTrace
 from streamproc.worker.steps import EngineRunner, StepResult
@@ -48,8 +49,11 @@ class ServingLoop:
                  lag: Callable[[], int] = lambda: 0, prefill_chunk_tokens: int = 0,
                  trace: StepTrace | None = None,
                  on_admit: Callable[[Job], object] = lambda job: None,
-                 on_handback: Callable[[Job], object] = lambda job: None) -> None:
+                 on_handback: Callable[[Job], object] = lambda job: None,
+                 kv_budget: KvBudget = UNBOUNDED) -> None:
+        """``kv_budget``: admissions wait while the running batch could outgrow it."""
         self._engine = engine
+        self._kv_budget = kv_budget
         self._on_admit, self._on_handback = on_admit, on_handback
         self._chunk_tokens = prefill_chunk_tokens
         self._trace = trace
@@ -137,8 +141,9 @@ class ServingLoop:
         decision = self._decide()
         # A job one death from poison runs alone: nothing joins it.
         alone = any(job.alone for job in self._jobs.values())
+        fits = self._fits_kv if self._kv_budget.bounded else None
         admitted = [] if self._draining or alone else \
-            self._waiting.take(decision.admit, running=len(self._jobs))
+            self._waiting.take(decision.admit, running=len(self._jobs), fits=fits)
         started = time.monotonic()
         for job in admitted:
             self._on_admit(job)
@@ -214,6 +219,10 @@ class ServingLoop:
             if self._trace is not None:
                 self._trace.decision(adjustment)
 
+    def _fits_kv(self, taken: list[Job], job: Job) -> bool:
+        spans = [_span(j) for j in (*self._jobs.values(), *taken, job)]
+        return self._kv_budget.fits(spans)
+
     def _decide(self) -> BatchDecision:
         # No decision looks past one full batch of the queue: do not measure the rest.
         # Running as the loop knows it: admissions the engine has not taken yet count.
@@ -263,3 +272,8 @@ class ServingLoop:
             await self._publisher.fail(job, "engine_error", f"{type(exc).__name__}: {exc}",
                                        retriable=True)
         self._engine.recover()
+
+
+def _span(job: Job) -> int:
+    """The cache positions ``job`` may come to hold: its prompt and every new token."""
+    return len(job.prepared.prompt_ids) + job.prepared.max_new_tokens
