@@ -79,6 +79,12 @@ class WaitingQueue:
         self._lanes[rank].append(job)
         self._arrived.set()
 
+    def put_front(self, jobs: list[Job]) -> None:
+        """``jobs`` first of all, in this order (they were running: an out-of-memory step
+        put them back)."""
+        self._lanes[0].extendleft(reversed(jobs))
+        self._arrived.set()
+
     def take(self, count: int, running: int = 0,
              fits: Callable[[list[Job], Job], bool] | None = None) -> list[Job]:
         """Up to ``count`` jobs from the head, highest lane first, stopping at the first

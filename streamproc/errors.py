@@ -60,9 +60,14 @@ class EngineError(StreamprocError):
 
 class EngineStepError(StreamprocError):
     """One engine step failed; the message names the original error. The running
-    requests fail with it (retriably) and the engine serves on, reset."""
+    requests fail with it (retriably) and the engine serves on, reset — unless the step
+    ran out of memory (``out_of_memory``): then they are retried in a smaller batch."""
 
     retriable = True
+
+    def __init__(self, message: str, *, out_of_memory: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
 
 
 class PublishError(StreamprocError):

@@ -1,5 +1,6 @@
 """KV memory as the admission budget: the running batch never outgrows it, a request that
-could never fit is refused when read, and output is unchanged under it."""
+could never fit is refused when read, output is unchanged under it, and a step that runs
+out of memory anyway reruns its requests in a smaller batch instead of failing them."""
 
 from __future__ import annotations
 
@@ -7,20 +8,24 @@ import asyncio
 from dataclasses import replace
 
 import pytest
+import torch
 
 from streamproc import wire
 from streamproc.admission.policy import FixedWindowPolicy
 from streamproc.channel import WaitingQueue
 from streamproc.client import StreamprocClient
 from streamproc.config import WorkerConfig
+from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel
 from streamproc.errors import GenerationError
 from streamproc.flow.kv_budget import KvBudget, kv_bytes_per_token
 from streamproc.metrics.stats import WorkerStats
 from streamproc.worker.app import Worker
+from streamproc.worker.runner import is_out_of_memory
 from streamproc.worker.serving import ServingLoop
 
 from .helpers import reference_tokens
+from .test_engine import prepared, run_to_completion, tokens
 from .test_serving_loop import RecordingPublisher, ScriptedRunner, job
 
 
@@ -52,6 +57,53 @@ async def test_admission_waits_for_room_and_every_job_still_ends() -> None:
             await task
     assert runner.widest == 3
     assert all(publisher.tokens(rid) == list(range(18)) for rid in jobs)
+
+
+async def test_an_out_of_memory_step_reruns_its_requests_from_where_they_stood() -> None:
+    """Nothing fails: the running requests go again, each continuing its stream, in a
+    batch half as big."""
+    runner = ScriptedRunner(oom_steps={4})
+    publisher, waiting, stats = RecordingPublisher(), WaitingQueue(), WorkerStats()
+    serving = ServingLoop(runner, waiting, FixedWindowPolicy(8, 10_000, 0.0), publisher,
+                          stats)
+    await serving.start()
+    task = asyncio.create_task(serving.run())
+    try:
+        jobs = [f"o{i}" for i in range(8)]
+        for rid in jobs:
+            waiting.put(job(rid, 10))
+        await publisher.until(lambda: set(jobs) <= publisher.ended)
+        widest_before, runner.widest = runner.widest, 0
+        for rid in ("p0", "p1", "p2", "p3", "p4", "p5"):  # later work: the smaller batch
+            waiting.put(job(rid, 10))
+        await publisher.until(lambda: {"p0", "p5"} <= publisher.ended)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert not publisher.failures
+    assert all(publisher.tokens(rid) == list(range(10)) for rid in jobs)
+    assert stats.oom_retries == 8
+    assert (widest_before, runner.widest) == (8, 4)
+
+
+def test_out_of_memory_is_told_from_other_failures() -> None:
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate "
+                                         "memory: you tried to allocate 1024 bytes"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.model
+def test_a_request_continued_twice_still_decodes_as_generate(
+        loaded_model: LoadedModel) -> None:
+    prompt = loaded_model.tokenizer("continued twice: kafka").input_ids
+    expected = reference_tokens(loaded_model, prompt, 20)
+    first = prepared("c", prompt, 20).continued(expected[:5], "")
+    again = first.continued(expected[5:9], "")
+    assert (again.kept_tokens, again.prompt_tokens, again.max_new_tokens) == (9, len(prompt), 11)
+    events = run_to_completion(Engine(loaded_model), [[again]])
+    assert expected[:9] + tokens(events["c"]) == expected
 
 
 @pytest.mark.kafka

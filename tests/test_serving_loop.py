@@ -28,9 +28,11 @@ TP0, TP1 = TopicPartition("requests", 0), TopicPartition("requests", 1)
 @dataclass
 class ScriptedRunner:
     """One token per running request per step (token = how many it had), ending at its
-    ``max_new_tokens``; fails the step whose number is in ``fail_steps``."""
+    ``max_new_tokens``; fails the step whose number is in ``fail_steps`` (as out of memory
+    if in ``oom_steps``)."""
 
     fail_steps: set[int] = field(default_factory=set)
+    oom_steps: set[int] = field(default_factory=set)
     running: dict[int, tuple[PreparedRequest, int]] = field(default_factory=dict)
     posted: list[tuple[list[int], frozenset[int], frozenset[int]]] = field(
         default_factory=list)
@@ -56,19 +58,20 @@ class ScriptedRunner:
         await asyncio.sleep(0)
         self.steps += 1
         pending, self.pending = self.pending, []
-        if self.steps in self.fail_steps:
+        if self.steps in self.fail_steps | self.oom_steps:
             self.running.clear()
-            return EngineStepError("RuntimeError: scripted failure")
+            return EngineStepError("RuntimeError: scripted failure",
+                                   out_of_memory=self.steps in self.oom_steps)
         events = []
         for admitted, abandon, cancel in pending:
-            self.running.update((p.key, (p, 0)) for p in admitted)
+            self.running.update((p.key, (p, p.kept_tokens)) for p in admitted)
             for key in abandon:
                 self.running.pop(key, None)
             events += [self._end(key, "cancelled") for key in cancel if key in self.running]
         self.widest = max(self.widest, len(self.running))
         for key, (prepared, made) in list(self.running.items()):
             self.running[key] = (prepared, made + 1)
-            done = made + 1 >= prepared.max_new_tokens
+            done = made + 1 >= prepared.kept_tokens + prepared.max_new_tokens
             events.append(TokenEvent(prepared, [made], f"<{made}>",
                                      _outcome("length", made + 1) if done else None))
             if done:

@@ -129,6 +129,8 @@ class Engine:
         self._running = []
         self._partial = []
         self._batch = None
+        if self._loaded.device.type == "cuda":  # give the freed buffers back at once
+            torch.cuda.empty_cache()
 
     def step(self, admitted: list[PreparedRequest], abandon: frozenset[int] = frozenset(),
              cancel: frozenset[int] = frozenset()) -> list[TokenEvent]:

@@ -64,6 +64,15 @@ class PreparedRequest:
                        max_new_tokens=self.max_new_tokens - len(resumed.tokens),
                        resumed=resumed)
 
+    def continued(self, tokens: list[int], text: str) -> PreparedRequest:
+        """This request continuing after ``tokens`` (``text``) more than it started with:
+        the same admission run again, from where it stood."""
+        before = self.resumed or Resumed([], "", 0)
+        return replace(self, prompt_ids=self.prompt_ids + tokens,
+                       max_new_tokens=self.max_new_tokens - len(tokens),
+                       resumed=Resumed(before.tokens + tokens, before.text + text,
+                                       before.next_seq))
+
 
 @dataclass(frozen=True)
 class Outcome:

@@ -92,6 +92,8 @@ class WorkerCollector(Collector):
             ("prefix_hit_tokens", "Prompt tokens whose keys and values came from the prefix "
              "cache (not computed).", prefix.hit_tokens),
             ("prefix_evictions", "Blocks evicted from the prefix cache.", prefix.evictions),
+            ("oom_retries", "Running requests put back after an out-of-memory step, to run "
+             "again in a smaller batch.", stats.oom_retries),
             ("takeovers", "Requests taken over from an attempt that had started them "
              "(resumed from what it published).", stats.takeovers),
             ("takeover_records_read", "Reply records read to learn where taken-over streams "

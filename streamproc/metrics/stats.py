@@ -96,6 +96,8 @@ class WorkerStats:
     """Jobs read again under a request id already read at another offset: not served."""
     prefix: PrefixStats = field(default_factory=PrefixStats)
     """The engine's prefix cache, as of the last step."""
+    oom_retries: int = 0
+    """Running requests put back after an out-of-memory step, to run in a smaller batch."""
     takeovers: int = 0
     """Requests taken over from an attempt that had started them."""
     takeover_records_read: int = 0

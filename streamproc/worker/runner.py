@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
+import torch
 
 from streamproc.engine.engine import Engine
 from streamproc.engine.sequence import Outcome, PreparedRequest, TokenEvent
@@ -77,6 +78,7 @@ class Done(msgspec.Struct, frozen=True, tag=True, array_like=True):
 class Failed(msgspec.Struct, frozen=True, tag=True, array_like=True):
     message: str
     submits_taken: int = 0
+    out_of_memory: bool = False
 
 
 Reply = Ready | Done | Failed
@@ -159,10 +161,20 @@ class EngineSide:
             log.error("an engine step failed", exc_info=True)
             self._engine.reset()
             self._failed = True
-            self._send(Failed(f"{type(exc).__name__}: {exc}", self._submits_taken))
+            self._send(Failed(f"{type(exc).__name__}: {exc}", self._submits_taken,
+                              is_out_of_memory(exc)))
             return
         events = [(e.source.key, e.token_ids, e.text, e.outcome) for e in result.events]
         self._send(Done(events, result.figures, self._submits_taken))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device (or host) allocation failed: the step asked for more memory than there is."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)
 
 
 def start_engine(build: Callable[[], Engine], send: Send) -> Engine | None:
@@ -233,7 +245,7 @@ class LoopSide:
         self._send(Collected(self._collected))
         self._submits_taken = reply.submits_taken
         if isinstance(reply, Failed):
-            return EngineStepError(reply.message)
+            return EngineStepError(reply.message, out_of_memory=reply.out_of_memory)
         return StepResult.of(reply.figures, self._events(reply.events))
 
     def recover(self) -> None:

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from aiokafka import TopicPartition
@@ -23,6 +24,7 @@ from streamproc.admission.adaptive import AdaptiveController
 from streamproc.admission.policy import BatchDecision, BatchPolicy
 from streamproc.channel import Job, WaitingQueue
 from streamproc.engine.sequence import TokenEvent
+from streamproc.errors import EngineStepError
 from streamproc.flow.kv_budget import UNBOUNDED, KvBudget
 from streamproc.metrics.stats import WorkerStats
 from streamproc.metrics.trace import StepRecord, StepTrace
@@ -64,6 +66,9 @@ class ServingLoop:
         self._policy = policy
         self._publisher = publisher
         self._jobs: dict[int, Job] = {}
+        self._progress: dict[int, tuple[list[int], list[str]]] = {}
+        """What each running job generated so far, to run it again after an out-of-memory
+        step from where it stood."""
         self._last_token_at: dict[int, float] = {}
         self._abandoned: set[int] = set()
         self._cancelled: set[int] = set()
@@ -246,12 +251,18 @@ class ServingLoop:
         decision sees the engine's real occupancy; the sends come later."""
         settled = []
         for event in events:
-            job = self._jobs.get(event.source.key)
+            key = event.source.key
+            job = self._jobs.get(key)
             if job is None:  # abandoned while this step ran
                 continue
             if event.outcome is not None:
-                del self._jobs[event.source.key]
+                del self._jobs[key]
+                self._progress.pop(key, None)
                 self._stats.finished(event.outcome)
+            else:
+                tokens, text = self._progress.setdefault(key, ([], []))
+                tokens += event.token_ids
+                text.append(event.text)
             settled.append((job, event))
         return settled
 
@@ -262,15 +273,40 @@ class ServingLoop:
             await self._publisher.publish(job, event)
 
     async def _fail_running(self, exc: Exception) -> None:
-        """A failed step cannot be pinned on one request: fail them all, retriably."""
+        """A failed step cannot be pinned on one request: fail them all, retriably — or,
+        when it ran out of memory, run them again in a batch half as big."""
+        if isinstance(exc, EngineStepError) and exc.out_of_memory and self._jobs:
+            self._retry_smaller(exc)
+            return
         log.error("engine step failed; failing %d running requests", len(self._jobs),
                   exc_info=exc)
         jobs, self._jobs = list(self._jobs.values()), {}
+        self._progress.clear()
         self._last_token_at.clear()
         for job in jobs:
             self._stats.failed("engine_error")
             await self._publisher.fail(job, "engine_error", f"{type(exc).__name__}: {exc}",
                                        retriable=True)
+        self._engine.recover()
+
+    def _retry_smaller(self, exc: EngineStepError) -> None:
+        """Put the running jobs back at the head of the queue, each to continue from the
+        tokens it has (its stream goes on: same attempt, same publisher state), and halve
+        what the KV budget lets run together."""
+        jobs = list(self._jobs.values())
+        spans = [_span(j) for j in jobs]
+        self._kv_budget = KvBudget(max(max(spans), len(spans) * max(spans) // 2))
+        again = []
+        for job in jobs:
+            tokens, text = self._progress.pop(job.prepared.key, ([], []))
+            again.append(replace(job, prepared=job.prepared.continued(tokens, "".join(text))))
+        self._jobs = {}
+        self._last_token_at.clear()
+        self._stats.oom_retries += len(jobs)
+        log.warning("engine step ran out of memory (%s): %d running requests go again, at "
+                    "most %d tokens of KV memory from now on", exc, len(jobs),
+                    self._kv_budget.tokens)
+        self._waiting.put_front(again)
         self._engine.recover()
 
 
