@@ -117,6 +117,7 @@ class ServingLoop:
         keys = [k for k, job in self._jobs.items() if job.tp in partitions]
         for key in keys:
             job = self._jobs.pop(key)
+            self._progress.pop(key, None)
             self._publisher.forget(job)
             self._on_handback(job)
             self._last_token_at.pop(key, None)
