@@ -88,6 +88,16 @@ class Engine:
         live = self._batch.allocations if self._batch is not None else 0
         return self._dropped_allocations + live
 
+    def free_device_bytes(self) -> int:
+        """The accelerator's free memory now (0 on a CPU)."""
+        device = self._loaded.device
+        return int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 0
+
+    @property
+    def kv_buffer_bytes(self) -> int:
+        """What the running batch's KV buffers hold, used or not."""
+        return self._batch.buffer_bytes if self._batch is not None else 0
+
     def warm_up(self) -> None:
         """A throwaway prefill and decode, so the first real request does not pay for the
         first forward pass (lazy initialization in torch and the model code)."""

@@ -17,7 +17,11 @@ columns of a row hold real tokens.
   faulted in page by page (on the 2-core CPU, 27-82 ms for a few to a few tens of MB,
   many decode steps' worth), while moving a window copies only its live columns;
 * :meth:`reserve` sizes the buffers once for a whole step's admissions, and a
-  batch whose sequences all left keeps its buffers for the next ones.
+  batch whose sequences all left keeps its buffers for the next ones;
+* when rows leave and what stays uses a quarter of the buffers' rows or columns or less
+  (a long prompt finished, a wide wave drained), smaller buffers take its place: the
+  memory a moment's peak took goes back, and the quarter (growth doubles) keeps a batch
+  that breathes around one size from reallocating back and forth.
 """
 
 from __future__ import annotations
@@ -94,6 +98,11 @@ class SlotBatch:
         return self.end - self.start
 
     @property
+    def buffer_bytes(self) -> int:
+        """What the preallocated keys, values and mask hold, live or not."""
+        return sum(buf.nbytes for buf, _ in self._buffers())
+
+    @property
     def mask(self) -> torch.Tensor:
         return self._mask[:self.rows, self.start:self.end]
 
@@ -144,7 +153,18 @@ class SlotBatch:
         if moves:
             self._move_rows(moves)
         self._trim_left()
+        self._shrink()
         return order
+
+    def _shrink(self) -> None:
+        rows, columns = self._capacity_rows, self._capacity_columns
+        needed_columns = self.length + 1 + self.length // _MOVES_PER_WINDOW
+        if self.rows * _SHRINK_AT <= rows:
+            rows = _room(self.rows)
+        if needed_columns * _SHRINK_AT <= columns:
+            columns = _room(needed_columns)
+        if (rows, columns) != (self._capacity_rows, self._capacity_columns):
+            self._reallocate(rows, columns, self.length)
 
     def _move_rows(self, moves: list[tuple[int, int]]) -> None:
         # Sources all lie past the new row count and destinations before it: no overlap.
@@ -204,8 +224,12 @@ class SlotBatch:
     def _regrow(self, rows: int, end: int, columns: int) -> None:
         """New buffers with room for ``rows`` rows and ``columns`` columns, the window copied
         to end at column ``end``."""
-        new_rows = max(self._capacity_rows, _room(rows))
-        new_columns = max(self._capacity_columns, _room(columns))
+        self._reallocate(max(self._capacity_rows, _room(rows)),
+                         max(self._capacity_columns, _room(columns)), end)
+
+    def _reallocate(self, new_rows: int, new_columns: int, end: int) -> None:
+        """Buffers of exactly ``new_rows`` x ``new_columns``, the window copied to end at
+        column ``end``."""
         window = slice(self.start, self.end)
         target = slice(end - self.length, end)
         mask = _alloc_like(self._mask, (new_rows, new_columns))
@@ -224,6 +248,10 @@ class SlotBatch:
 _MOVES_PER_WINDOW = 8
 """A window moves within its buffers only if it can then decode at least 1/8 of its
 length before it moves again: copying its columns then costs at most 8 columns a step."""
+
+
+_SHRINK_AT = 4
+"""Buffers shrink once the live rows or columns need a quarter of them or less."""
 
 
 def _room(size: int) -> int:
