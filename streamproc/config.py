@@ -235,6 +235,9 @@ class WorkerConfig:
     widest prompt + max_new_tokens, at the model's bytes per token): admissions wait for
     room, and a request that could not fit alone is refused (``prompt_too_long``); 0: no
     bound. On a GPU, set it to what is free once the model is loaded, less headroom."""
+    kv_memory_fraction: float = 0.9
+    """On a GPU, when ``kv_memory_bytes`` is 0: the budget is this fraction of the device
+    memory free once the model is loaded and warm (0: no bound)."""
     allow_unsafe_weights: bool = False
     """Load pickle-based weight files (``.bin``); off: only safetensors, nothing unpickled."""
     trace_file: str = ""
@@ -276,6 +279,9 @@ class WorkerConfig:
         if self.kv_memory_bytes < 0:
             raise ConfigError(f"kv_memory_bytes must be >= 0 (0: no bound), got "
                               f"{self.kv_memory_bytes}")
+        if not 0 <= self.kv_memory_fraction < 1:
+            raise ConfigError(f"kv_memory_fraction must be in [0, 1), got "
+                              f"{self.kv_memory_fraction}")
         if self.prefix_cache_bytes < 0:
             raise ConfigError(f"prefix_cache_bytes must be >= 0 (0: off), got "
                               f"{self.prefix_cache_bytes}")

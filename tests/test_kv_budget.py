@@ -17,10 +17,10 @@ from streamproc.client import StreamprocClient
 from streamproc.config import WorkerConfig
 from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel
-from streamproc.errors import GenerationError
+from streamproc.errors import ConfigError, GenerationError
 from streamproc.flow.kv_budget import KvBudget, kv_bytes_per_token
 from streamproc.metrics.stats import WorkerStats
-from streamproc.worker.app import Worker
+from streamproc.worker.app import Worker, device_kv_bytes
 from streamproc.worker.runner import is_out_of_memory
 from streamproc.worker.serving import ServingLoop
 
@@ -131,3 +131,15 @@ async def test_a_worker_with_a_small_kv_budget_serves_exactly_and_refuses_what_c
     for prompt, result in zip(prompts, results, strict=True):
         ids = loaded_model.tokenizer(prompt).input_ids
         assert result.token_ids == reference_tokens(loaded_model, ids, 24)
+
+
+def test_on_a_gpu_the_budget_defaults_to_a_fraction_of_free_memory_after_the_prefix_cache(
+        ) -> None:
+    gib = 2**30
+    config = WorkerConfig(prefix_cache_bytes=gib, kv_memory_fraction=0.5)
+    assert device_kv_bytes(config, 9 * gib) == 4 * gib
+    assert device_kv_bytes(config, 0) == 0  # a CPU says nothing is free: no bound
+    assert device_kv_bytes(replace(config, kv_memory_bytes=123), 9 * gib) == 0  # set: kept
+    assert device_kv_bytes(replace(config, kv_memory_fraction=0.0), 9 * gib) == 0
+    with pytest.raises(ConfigError):
+        replace(config, kv_memory_fraction=1.5)

@@ -41,6 +41,7 @@ class ScriptedRunner:
     widest: int = 0
     steps: int = 0
     recovered: int = 0
+    free_device_bytes: int = 0
 
     async def start(self) -> None:
         pass

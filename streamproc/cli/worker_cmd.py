@@ -87,6 +87,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kv-memory-bytes", type=int, help=_help(
         "keep the running batch's keys and values within this many bytes; admissions wait "
         "for room ({}; 0: no bound)", "kv_memory_bytes"))
+    p.add_argument("--kv-memory-fraction", type=float, help=_help(
+        "on a GPU, without --kv-memory-bytes: that budget is this fraction of the memory "
+        "free once the model is loaded ({}; 0: no bound)", "kv_memory_fraction"))
     p.add_argument("--reply-topic-pattern", help="regex of extra reply topics jobs may name")
     p.add_argument("--allow-unsafe-weights", action="store_true", default=None,
                    help="also load pickle-based .bin weights (default: safetensors only)")

@@ -30,7 +30,7 @@ class Preparer:
         self._tokenizer = tokenizer
         self._max_context = max_context
         self._max_prompt = max_prompt_tokens or max_context
-        self._max_span = max_span_tokens
+        self.max_span_tokens = max_span_tokens
         self._cap = max_new_tokens_cap
         self._topics = topics
 
@@ -62,12 +62,12 @@ class Preparer:
                 f"{request.params.max_new_tokens} it exceeds the {self._max_context}-token context",
             )
         span = len(ids) + request.params.max_new_tokens
-        if self._max_span and span > self._max_span:
+        if self.max_span_tokens and span > self.max_span_tokens:
             raise RequestError(
                 "prompt_too_long",
                 f"prompt ({len(ids)} tokens) and max_new_tokens "
                 f"({request.params.max_new_tokens}) need {span} tokens of KV memory; this "
-                f"worker's --kv-memory-bytes holds {self._max_span}")
+                f"worker's --kv-memory-bytes holds {self.max_span_tokens}")
         return PreparedRequest(request, ids, request.params.max_new_tokens,
                                _origin(request.submitted_at, appended_at))
 

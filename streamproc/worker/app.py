@@ -87,7 +87,8 @@ class Worker:
         if config.kv_memory_bytes and not kv_budget.bounded:
             log.warning("--kv-memory-bytes is ignored: this model's config does not say how "
                         "many bytes a token's keys and values take")
-        preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
+        self._bytes_per_token = loaded.kv_bytes_per_token
+        self._preparer = preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
                             config.max_new_tokens_cap, config.topics,
                             max_prompt_tokens=config.max_prompt_tokens,
                             max_span_tokens=kv_budget.tokens)
@@ -135,6 +136,7 @@ class Worker:
                 log.info("torch uses %d CPU thread(s) of %d usable cores", threads,
                          usable_cores())
         await self.serving.start()
+        self._bound_kv_to_device()
         await self._producer.start()
         await self._consumer.start()
         control = self.config.topics.control
@@ -168,6 +170,18 @@ class Worker:
         gc.freeze()
         log.info("worker started: group %s, lanes %s", self.config.group_id,
                  ", ".join(self.config.topics.requests))
+
+    def _bound_kv_to_device(self) -> None:
+        """Without a KV budget set, on a GPU: a fraction of what the warm engine left free."""
+        budget = KvBudget.of(device_kv_bytes(self.config, self.serving.free_device_bytes),
+                             self._bytes_per_token)
+        if not budget.bounded:
+            return
+        self.serving.bound_kv(budget)
+        self._preparer.max_span_tokens = budget.tokens
+        log.info("KV budget: %d tokens (%.0f%% of %.1f GiB free on the device)",
+                 budget.tokens, self.config.kv_memory_fraction * 100,
+                 self.serving.free_device_bytes / 2**30)
 
     async def wait_failed(self) -> None:
         """Return (raising its error) when any stage task ends on its own."""
@@ -380,3 +394,12 @@ def _engine_runner(config: WorkerConfig, loaded: LoadedModel) -> EngineRunner:
                           "(describe_model): load it with load_model")
     return EngineThread(Engine(loaded, prefill_chunk_tokens=config.prefill_chunk_tokens,
                                prefix_cache_bytes=config.prefix_cache_bytes))
+
+
+def device_kv_bytes(config: WorkerConfig, free_device_bytes: int) -> int:
+    """The KV budget taken from the device's free memory: only where none is set."""
+    if config.kv_memory_bytes:
+        return 0
+    # The prefix cache fills later, on the same device: its bound comes off first.
+    usable = max(0, free_device_bytes - config.prefix_cache_bytes)
+    return int(usable * config.kv_memory_fraction)

@@ -60,7 +60,8 @@ Command = Submit | Collected | Recover | Stop
 
 # The engine -> the loop.
 class Ready(msgspec.Struct, frozen=True, tag=True, array_like=True):
-    pass
+    free_device_bytes: int = 0
+    """The accelerator's free memory once the engine is warm (0 on a CPU)."""
 
 
 KeyedEvent = tuple[int, list[int], str, Outcome | None]
@@ -187,7 +188,7 @@ def start_engine(build: Callable[[], Engine], send: Send) -> Engine | None:
         log.debug("the engine could not start", exc_info=True)
         send(Failed(f"{type(exc).__name__}: {exc}"))
         return None
-    send(Ready())
+    send(Ready(engine.free_device_bytes()))
     return engine
 
 
@@ -203,6 +204,8 @@ class LoopSide:
         self._submits_sent = self._submits_taken = self._collected = 0
         self._replies: asyncio.Queue[Reply | None] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.free_device_bytes = 0
+        """What the engine said of its accelerator's free memory when it started."""
 
     def deliver(self, reply: Reply | None) -> bool:
         """Hand ``reply`` to the loop (thread-safe); False if the loop is gone."""
@@ -221,6 +224,7 @@ class LoopSide:
         """Wait for the engine to start; None once ready, else why it did not."""
         first = await self._replies.get()
         if isinstance(first, Ready):
+            self.free_device_bytes = first.free_device_bytes
             return None
         return first.message if isinstance(first, Failed) else "it exited"
 

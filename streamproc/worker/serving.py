@@ -89,6 +89,14 @@ class ServingLoop:
         """Warm the engine up and start it; :meth:`run` then serves."""
         await self._engine.start()
 
+    @property
+    def free_device_bytes(self) -> int:
+        return self._engine.free_device_bytes
+
+    def bound_kv(self, budget: KvBudget) -> None:
+        """Admit within ``budget`` from now on."""
+        self._kv_budget = budget
+
     async def run(self) -> None:
         """Serve until cancelled, or until drained when :meth:`drain` was called."""
         try:

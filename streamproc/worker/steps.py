@@ -91,6 +91,10 @@ class EngineRunner(Protocol):
     async def start(self) -> None:
         """Warm the engine up and start stepping."""
 
+    @property
+    def free_device_bytes(self) -> int:
+        """The accelerator's free memory once the engine had started (0 on a CPU)."""
+
     def submit(self, admitted: list[PreparedRequest], abandon: frozenset[int],
                cancel: frozenset[int]) -> None:
         """Work for the next step: requests to admit, and keys
