@@ -17,6 +17,12 @@ from streamproc.devtools.bench.measure import Observation, summarize
 from streamproc.devtools.bench.paired import best_batch_size, wave_ratios
 from streamproc.devtools.bench.peers import offline_ceiling, offline_engine
 from streamproc.devtools.bench.run import _timeline
+from streamproc.devtools.bench.shared_prefix import INSTRUCTION
+from streamproc.devtools.bench.shared_workload import (
+    SharedPrefixSettings,
+    shared_prefix_report,
+    shared_prefix_trace,
+)
 from streamproc.devtools.bench.targets import long_prompt_ratios, targets
 from streamproc.devtools.bench.trace import TraceSettings, build
 from streamproc.engine.loader import LoadedModel
@@ -254,3 +260,35 @@ def test_each_wave_is_set_against_the_ceiling_runs_either_side_of_it() -> None:
     with pytest.raises(ValueError, match="2 waves need 3 ceiling runs"):
         wave_ratios([100.0, 80.0], [45.0, 90.0])
     assert best_batch_size({"8": 10.0, "64": 30.0, "128": 20.0}) == 64
+
+
+def _shared_run(tokens_per_s: float, ttft_p50_ms: float, lost: int = 0) -> dict[str, Any]:
+    return {"tokens_per_s": tokens_per_s, "ttft_p50_ms": ttft_p50_ms, "lost": lost}
+
+
+def test_the_shared_prefix_targets_read_the_cache_against_itself_off() -> None:
+    runs = {"naive": _shared_run(5, 9000), "fixed_window": _shared_run(8, 8000),
+            "streamproc": _shared_run(30, 2000), "streamproc_prefix_off": _shared_run(10, 6000)}
+    report = shared_prefix_report(runs)
+    assert report["ratios"]["prefix_cache_throughput_vs_off"] == 3.0
+    assert report["ratios"]["prefix_cache_ttft_p50_vs_off"] == pytest.approx(1 / 3)
+    assert report["ratios"]["prefix_cache_throughput_vs_naive"] == 6.0
+    assert all(report["met"].values())
+    runs["streamproc"] = _shared_run(20, 3000, lost=1)
+    missed = shared_prefix_report(runs)["met"]
+    assert not any(missed.values())  # 2.0x, 0.5x, one lost
+    text = table({"model": {"name": "m", "parameters": 1e6, "dtype": "float32",
+                            "device": "cpu"}, "shared_prefix": shared_prefix_report(runs)})
+    assert "streamproc_prefix_off" in text
+    assert "MISSED shared prefix throughput vs cache off >= 2.5" in text
+
+
+def test_the_shared_prefix_records_share_the_instruction_and_nothing_after_it(
+        loaded_model: LoadedModel) -> None:
+    trace = shared_prefix_trace(loaded_model.tokenizer, SharedPrefixSettings(records=4))
+    assert len({a.prompt for a in trace}) == 4
+    assert all(a.at_s == 0 for a in trace)
+    for arrival in trace:  # the instruction, then the record: the instruction is shared
+        before_record = arrival.prompt.split("Ticket ")[0]
+        assert INSTRUCTION in before_record
+        assert before_record == trace[0].prompt.split("Ticket ")[0]

@@ -13,13 +13,22 @@ from typing import Any
 from streamproc.cli.common import add_bootstrap, run
 from streamproc.cli.demo_cmd import local_broker
 from streamproc.config import DEFAULT_MODEL, bootstrap_from_env
-from streamproc.devtools.bench.run import BenchSettings, real_model_settings, run_bench
+from streamproc.devtools.bench.run import (
+    BenchSettings,
+    describe,
+    real_model_settings,
+    run_bench,
+    run_shared_prefix,
+)
+from streamproc.devtools.bench.shared_workload import SharedPrefixSettings
 from streamproc.devtools.bench.trace import TraceSettings
 from streamproc.engine import catalog
 from streamproc.engine.catalog import TINY
-from streamproc.engine.loader import load_model
+from streamproc.engine.loader import LoadedModel, load_model
 from streamproc.errors import ConfigError
 
+TRACE, SHARED_PREFIX = "trace", "shared-prefix"
+WORKLOADS = (TRACE, SHARED_PREFIX)
 _TINY = BenchSettings()
 _REAL = real_model_settings()
 NAME_WIDTH = 30
@@ -75,6 +84,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--cpu-threads", type=int, default=0,
                    help="torch's CPU threads in every peer alike (%(default)s: the worker's "
                    "own policy)")
+    p.add_argument("--workloads",
+                   help="which to run, comma-separated: trace (the arrival trace against "
+                   "every peer, the offline ceiling and the targets), shared-prefix (one "
+                   "instruction in front of many records, streamproc with its prefix cache "
+                   "on and off beside naive and the fixed window) (real model: "
+                   f"{','.join(WORKLOADS)}; tiny: {TRACE})")
+    p.add_argument("--shared-records", type=int, help=f"records in the shared-prefix "
+                   f"workload ({SharedPrefixSettings().records})")
     p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=None,
                    help="also the engine alone sampled and on the worker's threads, and "
                    "900-token prompts joining a running batch (default with tiny only: on "
@@ -89,6 +106,18 @@ def _rates(trace: TraceSettings) -> str:
 def settings_from(args: argparse.Namespace, tiny: bool) -> BenchSettings:
     """The model's profile, with what the command line gives in its place."""
     base = _TINY if tiny else _REAL
+    default = TRACE if tiny else ",".join(WORKLOADS)
+    workloads = {w.strip() for w in (args.workloads or default).split(",") if w.strip()}
+    if not workloads or workloads - set(WORKLOADS):
+        raise ConfigError(f"--workloads takes a comma-separated choice of "
+                          f"{', '.join(WORKLOADS)}, got {args.workloads!r}")
+    shared = SharedPrefixSettings(records=0)
+    if SHARED_PREFIX in workloads:
+        shared = SharedPrefixSettings()
+    if args.shared_records is not None and shared.records:
+        if args.shared_records < 1:
+            raise ConfigError(f"--shared-records must be >= 1, got {args.shared_records}")
+        shared = replace(shared, records=args.shared_records)
     trace = replace(base.trace, **_given(
         rates=args.rates and tuple(float(r) for r in args.rates.split(",")),
         phase_s=args.phase_seconds, saturation_requests=args.saturation,
@@ -98,7 +127,8 @@ def settings_from(args: argparse.Namespace, tiny: bool) -> BenchSettings:
     return replace(base, trace=trace, **_given(
         ttft_target_s=args.ttft_target_ms and args.ttft_target_ms / 1000,
         itl_target_s=args.itl_target_ms and args.itl_target_ms / 1000,
-        paired_rounds=args.paired_rounds, extras=args.extras, cpu_threads=args.cpu_threads))
+        paired_rounds=args.paired_rounds, extras=args.extras, cpu_threads=args.cpu_threads),
+        shared_prefix=shared, run_trace=TRACE in workloads)
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -111,14 +141,27 @@ def _main(args: argparse.Namespace) -> int:
         address = args.bootstrap or bootstrap_from_env() or local_broker(cleanup, _say)
         model = catalog.resolve(args.model, progress=_say)
         loaded = load_model(model, "auto")
-        report = run(run_bench(address, loaded, model, settings, _say))
+        report = run(_bench(address, loaded, model, settings))
     report["model"]["name"] = args.model
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    from streamproc.devtools.bench.chart import draw
-    draw(report, args.png)
+    wrote = f"report: {args.json}"
+    if "runs" in report:
+        from streamproc.devtools.bench.chart import draw
+        draw(report, args.png)
+        wrote += f"  chart: {args.png}"
     print(table(report))
-    print(f"report: {args.json}  chart: {args.png}")
+    print(wrote)
     return 0
+
+
+async def _bench(address: str, loaded: LoadedModel, model: str,
+                 settings: BenchSettings) -> dict[str, Any]:
+    report = (await run_bench(address, loaded, model, settings, _say) if settings.run_trace
+              else {"model": describe(loaded, model)})
+    if settings.shared_prefix.records:
+        report["shared_prefix"] = await run_shared_prefix(address, loaded, model, settings,
+                                                          _say)
+    return report
 
 
 def _say(message: str) -> None:
@@ -126,30 +169,50 @@ def _say(message: str) -> None:
 
 
 def table(report: dict[str, Any]) -> str:
-    runs = report["runs"]
-    head = f"{'':<{NAME_WIDTH}}" + "".join(f"{label:>11}" for _, label in COLUMNS)
     lines = [_model_line(report["model"])] if "model" in report else []
+    if "runs" in report:
+        lines += _trace_lines(report)
+    if "shared_prefix" in report:
+        lines += _shared_prefix_lines(report["shared_prefix"])
+    return "\n".join(lines)
+
+
+def _head() -> str:
+    return f"{'':<{NAME_WIDTH}}" + "".join(f"{label:>11}" for _, label in COLUMNS)
+
+
+def _row(name: str, figures: dict[str, Any]) -> str:
+    return f"{name:<{NAME_WIDTH}}" + "".join(_cell(figures.get(key)) for key, _ in COLUMNS)
+
+
+def _trace_lines(report: dict[str, Any]) -> list[str]:
+    runs = report["runs"]
+    lines = []
     if "cpu_threads" in report.get("settings", {}):
         lines.append(_threads_line(report["settings"]["cpu_threads"]))
-    lines.append(head)
+    lines.append(_head())
     for name in ("naive", "fixed_window", "streamproc", "streamproc_throughput",
                  "offline_ceiling", "offline_engine", "offline_engine_sampled",
                  "offline_engine_worker_threads"):
         if name not in runs:
             continue
         for suffix, figures in [("", runs[name]), (" (burst)", runs[name].get("burst"))]:
-            if figures is None:
-                continue
-            cells = "".join(_cell(figures.get(key)) for key, _ in COLUMNS)
-            lines.append(f"{name + suffix:<{NAME_WIDTH}}" + cells)
+            if figures is not None:
+                lines.append(_row(name + suffix, figures))
     lines += _long_prompt_lines(report.get("long_prompts", {}))
     lines += _paired_lines(report.get("paired"))
-    lines.append("")
-    for key, value in report["targets"]["ratios"].items():
-        lines.append(f"{key:<44} {value:10.2f}")
-    for key, ok in report["targets"]["met"].items():
-        lines.append(f"{'MET ' if ok else 'MISSED'} {key}")
-    return "\n".join(lines)
+    return [*lines, "", *_verdict_lines(report["targets"])]
+
+
+def _shared_prefix_lines(shared: dict[str, Any]) -> list[str]:
+    lines = ["", "shared prefix: one instruction in front of every record", _head()]
+    lines += [_row(name, figures) for name, figures in shared["runs"].items()]
+    return [*lines, "", *_verdict_lines(shared)]
+
+
+def _verdict_lines(targets: dict[str, Any]) -> list[str]:
+    lines = [f"{key:<44} {value:10.2f}" for key, value in targets["ratios"].items()]
+    return lines + [f"{'MET ' if ok else 'MISSED'} {key}" for key, ok in targets["met"].items()]
 
 
 def _model_line(model: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ import torch
 from streamproc import topics
 from streamproc.client import StreamprocClient
 from streamproc.config import TopicNames, WorkerConfig
+from streamproc.devtools.bench import shared_workload
 from streamproc.devtools.bench.load import replay
 from streamproc.devtools.bench.long_prompts import LONG_PROMPT, ROUNDS, RUNNING, compare_chunk_sizes
 from streamproc.devtools.bench.measure import Observation, summarize
@@ -31,6 +32,11 @@ from streamproc.devtools.bench.offload import off_loop
 from streamproc.devtools.bench.paired import PairedCeiling
 from streamproc.devtools.bench.peers import offline_ceiling, offline_engine
 from streamproc.devtools.bench.serve import READY, Peer, PeerSpec
+from streamproc.devtools.bench.shared_workload import (
+    SharedPrefixSettings,
+    shared_prefix_report,
+    shared_prefix_trace,
+)
 from streamproc.devtools.bench.targets import long_prompt_ratios, targets
 from streamproc.devtools.bench.trace import (
     Arrival,
@@ -83,6 +89,11 @@ class BenchSettings:
     """Also the engine alone sampled and on the worker's threads, and long prompts."""
     cpu_threads: int = 0
     """torch's CPU threads in every peer (0: the worker's policy)."""
+    shared_prefix: SharedPrefixSettings = field(
+        default_factory=lambda: SharedPrefixSettings(records=0))
+    """The shared-prefix workload, run after the trace (records 0: not run)."""
+    run_trace: bool = True
+    """Whether the arrival trace runs (the shared-prefix workload can run alone)."""
 
     @property
     def ceiling_batch_sizes(self) -> tuple[int, ...]:
@@ -97,7 +108,7 @@ def real_model_settings(trace: TraceSettings | None = None) -> BenchSettings:
     return BenchSettings(trace=trace or real_model_trace(), ttft_target_s=2.0,
                          itl_target_s=0.15, max_batch_size=64, drain_timeout_s=300.0,
                          paired_rounds=2, ceiling_batches=1, paired_ceiling_batches=1,
-                         extras=False)
+                         extras=False, shared_prefix=SharedPrefixSettings())
 
 
 async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,
@@ -194,6 +205,28 @@ async def replay_peers(bootstrap: str, model_dir: str, trace: list[Arrival],
     return observations
 
 
+async def run_shared_prefix(bootstrap: str, loaded: LoadedModel, model_dir: str,
+                            settings: BenchSettings, progress: Progress) -> dict[str, Any]:
+    """The shared-prefix workload (:mod:`streamproc.devtools.bench.shared_workload`) through
+    every one of its peers in turn, each in its own process on fresh topics."""
+    trace = shared_prefix_trace(loaded.tokenizer, settings.shared_prefix)
+    prompt_tokens = len(loaded.tokenizer(trace[0].prompt).input_ids)
+    progress(f"shared prefix: {len(trace)} records at once, prompts of about "
+             f"{prompt_tokens} tokens, {settings.shared_prefix.new_tokens} new tokens each")
+    runs: dict[str, Any] = {}
+    for name in shared_workload.PEERS:
+        gc.collect()
+        gc.freeze()
+        names = await _fresh_topics(bootstrap)
+        cache = 0 if name == shared_workload.CACHE_OFF else None
+        peer = _make_peer(name, bootstrap, names, model_dir, settings,
+                          prefix_cache_bytes=cache)
+        observations = await _replay(f"shared prefix: {name}", peer, bootstrap, names, trace,
+                                     settings, progress, None)
+        runs[name] = summarize(observations, settings.ttft_target_s, settings.itl_target_s)
+    return shared_prefix_report(runs)
+
+
 async def _offline_runs(loaded: LoadedModel, prompts: list[str], settings: BenchSettings,
                         progress: Progress, sweep: dict[str, float]) -> dict[str, Any]:
     """The ceiling (``sweep``, if it was measured beside streamproc) and the engine alone,
@@ -263,13 +296,14 @@ class PeerProcess:
 
 
 def _make_peer(name: str, bootstrap: str, names: TopicNames, model_dir: str,
-               settings: BenchSettings, trace_file: str = "") -> Peer:
+               settings: BenchSettings, trace_file: str = "",
+               prefix_cache_bytes: int | None = None) -> Peer:
     itl_target_s = 0.0 if name == "streamproc_throughput" else settings.itl_target_s
     return PeerProcess(PeerSpec(name, bootstrap, names, model_dir, settings.ttft_target_s,
                                 itl_target_s, settings.fixed_window_s, settings.fixed_batch,
                                 settings.max_batch_size,
                                 trace_file if name.startswith("streamproc") else "",
-                                settings.cpu_threads))
+                                settings.cpu_threads, prefix_cache_bytes))
 
 
 async def _fresh_topics(bootstrap: str) -> TopicNames:

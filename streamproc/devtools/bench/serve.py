@@ -13,6 +13,7 @@ import gc
 import signal
 import sys
 import uuid
+from dataclasses import replace
 from typing import Protocol
 
 import msgspec
@@ -46,6 +47,8 @@ class PeerSpec(msgspec.Struct, frozen=True):
     """streamproc's step trace (:mod:`streamproc.metrics.trace`); empty: none."""
     cpu_threads: int = 0
     """torch's CPU threads, every peer alike (0: the worker's policy)."""
+    prefix_cache_bytes: int | None = None
+    """streamproc's prefix cache (None: the worker's default; 0: off)."""
 
 
 def make_peer(spec: PeerSpec, loaded: LoadedModel) -> Peer:
@@ -63,6 +66,8 @@ def make_peer(spec: PeerSpec, loaded: LoadedModel) -> Peer:
                           max_batch_size=spec.max_batch_size,
                           max_inflight=max(512, spec.max_batch_size),
                           trace_file=spec.trace_file, cpu_threads=spec.cpu_threads)
+    if spec.prefix_cache_bytes is not None:
+        config = replace(config, prefix_cache_bytes=spec.prefix_cache_bytes)
     return Worker(config, loaded)
 
 

@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from streamproc.config import DEFAULT_MODEL, DEFAULT_PREFIX_CACHE_BYTES
 from streamproc.engine import catalog
@@ -53,21 +54,27 @@ class Run:
     tokens: int
 
 
-def chat_prompts(loaded: LoadedModel, count: int, *, shared: bool) -> list[list[int]]:
-    """``count`` prompts: the instruction then a record (``shared``), or, as a control,
-    the instruction's words shuffled differently for each so nothing is shared."""
-    tokenizer = loaded.tokenizer
-    prompts = []
+def chat_texts(tokenizer: Any, count: int, *, shared: bool) -> list[str]:
+    """``count`` prompts as the chat template renders them: the instruction then a record
+    (``shared``), or, as a control, the instruction's words shuffled differently for each
+    so nothing is shared."""
+    texts = []
     for i in range(count):
         words = INSTRUCTION.split()
         if not shared:
             random.Random(i).shuffle(words)
         system = " ".join(words)
         record = f"Ticket {i}: {RECORDS[i % len(RECORDS)]}"
-        prompts.append(list(tokenizer.apply_chat_template(
+        texts.append(str(tokenizer.apply_chat_template(
             [{"role": "system", "content": system}, {"role": "user", "content": record}],
-            add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]))
-    return prompts
+            add_generation_prompt=True, tokenize=False)))
+    return texts
+
+
+def chat_prompts(loaded: LoadedModel, count: int, *, shared: bool) -> list[list[int]]:
+    """:func:`chat_texts` tokenized, as a worker tokenizes a prompt."""
+    return [list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+            for text in chat_texts(loaded.tokenizer, count, shared=shared)]
 
 
 def run_once(loaded: LoadedModel, prompts: list[list[int]], cache_bytes: int,
