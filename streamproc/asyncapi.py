@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from streamproc import wire
+from streamproc.openai import protocol, shapes
 from streamproc.topics import Role, TopicSpec
 
 _REF = "#/components/schemas/{name}"
@@ -30,14 +31,34 @@ class _Message(msgspec.Struct, frozen=True):
 
 _MESSAGES: dict[Role, list[_Message]] = {
     "requests": [_Message("GenerationRequest", wire.GenerationRequest,
-                          "A prompt job.", "the request id")],
+                          "A prompt job.", "the request id"),
+                 _Message("ChatLine", protocol.ChatLine,
+                          "An OpenAI Batch API line for /v1/chat/completions.",
+                          "the custom_id"),
+                 _Message("CompletionsLine", protocol.CompletionsLine,
+                          "An OpenAI Batch API line for /v1/completions.", "the custom_id")],
     "responses": [
         _Message("TokenChunk", wire.TokenChunk,
                  "Newly generated tokens of one request, in seq order.", "the request id"),
         _Message("FinalMessage", wire.FinalMessage,
                  "The last message of a request that generated.", "the request id"),
         _Message("ErrorMessage", wire.ErrorMessage,
-                 "The last message of a request that failed.", "the request id")],
+                 "The last message of a request that failed.", "the request id"),
+        _Message("ChatCompletionChunk", shapes.ChatCompletionChunk,
+                 "A chat.completion.chunk of a reply to an OpenAI Batch line (also a "
+                 "native chunk).", "the custom_id"),
+        _Message("TextCompletionChunk", shapes.TextCompletionChunk,
+                 "A streamed text_completion of a reply to an OpenAI Batch line (also a "
+                 "native chunk).", "the custom_id"),
+        _Message("CompletedLine", shapes.CompletedLine,
+                 "The Batch output line of an answered OpenAI line (also a native final).",
+                 "the custom_id"),
+        _Message("UnservedLine", shapes.UnservedLine,
+                 "The Batch output line of an OpenAI line that expired, was cancelled or "
+                 "shed (also a native final).", "the custom_id"),
+        _Message("FailedLine", shapes.FailedLine,
+                 "The Batch output line of an OpenAI line that failed (also a native "
+                 "error).", "the custom_id")],
     "control": [_Message("CancelRequest", wire.CancelRequest,
                          "Stop a request at the next step.", "the request id")],
     "dead_letter": [_Message("DeadLetter", wire.DeadLetter,

@@ -235,6 +235,10 @@ class WorkerConfig:
     widest prompt + max_new_tokens, at the model's bytes per token): admissions wait for
     room, and a request that could not fit alone is refused (``prompt_too_long``); 0: no
     bound. On a GPU, set it to what is free once the model is loaded, less headroom."""
+    model_aliases: tuple[str, ...] = ()
+    """More names a job's ``model`` may give for this worker's model, besides its own
+    (``--model`` as given, its file or directory name, a catalog model's hub id); any other
+    name is refused with ``model_not_found``."""
     kv_memory_fraction: float = 0.9
     """On a GPU, when ``kv_memory_bytes`` is 0: the budget is this fraction of the device
     memory free once the model is loaded and warm (0: no bound)."""
@@ -342,6 +346,8 @@ def _parse(name: str, raw: str, kind: type) -> Any:
         if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not true or false")
         return raw.lower() in ("1", "true", "yes")
+    if kind is tuple:  # a comma-separated list
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
     try:
         return kind(raw)
     except ValueError as exc:

@@ -22,11 +22,14 @@ class ConfigError(StreamprocError):
 class RequestError(StreamprocError):
     """One request cannot be served; ``code`` is what goes on the wire."""
 
-    def __init__(self, code: str, message: str, *, retriable: bool = False) -> None:
+    def __init__(self, code: str, message: str, *, retriable: bool = False,
+                 param: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retriable = retriable
+        self.param = param
+        """The request field at fault, where one is."""
 
 
 class GenerationError(StreamprocError):

@@ -38,6 +38,8 @@ class Follower:
     next_seq: int = 0
     """The ``seq`` the followed stream's next message carries."""
     end: wire.FinalMessage | wire.ErrorMessage | None = None
+    logprobs: list[wire.TokenLogprob] | None = None
+    """The chunks' log-probabilities, when they carry them."""
 
     def take(self, message: wire.ResponseMessage) -> Kept | None:
         """Apply the rule to the request's next message: the message if it belongs to
@@ -67,6 +69,8 @@ class Follower:
         self.tokens.extend(chunk.token_ids)
         self.text.append(chunk.text)
         self.text_length += len(chunk.text)
+        if isinstance(chunk.logprobs, list):
+            self.logprobs = (self.logprobs or []) + chunk.logprobs
 
     @property
     def joined_text(self) -> str:

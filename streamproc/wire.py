@@ -4,7 +4,9 @@ JSON on the wire so that any Kafka client in any language can publish a job.
 Evolution rules (also in docs/wire-schema.md):
 
 * a new field always gets a default, so old messages still decode;
-* unknown fields are ignored, so old workers accept newer producers;
+* unknown fields are ignored, so old workers accept newer producers -- except generation
+  parameters: one a worker does not know is refused by name (``invalid_request``), never
+  silently ignored, since output that ignored it would pass for what was asked;
 * fields are never renamed, retyped or removed within a ``schema_version``;
 * response messages are a tagged union on ``type``; a reader skips tags it does
   not know rather than failing.
@@ -32,8 +34,10 @@ class ChatMessage(msgspec.Struct, frozen=True):
     content: str
 
 
-class GenerationParams(msgspec.Struct, frozen=True, omit_defaults=True):
-    """How to generate. ``temperature`` 0 (or under 1e-5) means greedy decoding."""
+class GenerationParams(msgspec.Struct, frozen=True, omit_defaults=True,
+                       forbid_unknown_fields=True):
+    """How to generate. ``temperature`` 0 (or under 1e-5) means greedy decoding. The
+    penalties apply before temperature, top-k and top-p, to greedy rows too."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -42,6 +46,20 @@ class GenerationParams(msgspec.Struct, frozen=True, omit_defaults=True):
     seed: int | None = None
     ignore_eos: bool = False
     """Generate exactly ``max_new_tokens`` (benchmarks, fixed-length outputs)."""
+    top_k: int = 0
+    """Sample among the ``top_k`` likeliest tokens only; 0: all."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated so far (-2 to 2)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token generated so far (-2 to 2)."""
+    repetition_penalty: float = 1.0
+    """Divides positive and multiplies negative logits of every token in the prompt or
+    generated so far (``transformers``' rule); 1: off."""
+    logprobs: bool = False
+    """Each chunk carries its tokens' log-probabilities under the model (``log_softmax`` of
+    its logits, before any penalty, temperature or truncation)."""
+    top_logprobs: int = 0
+    """With ``logprobs``: also this many likeliest tokens at each position (0 to 20)."""
 
 
 class GenerationRequest(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -58,6 +76,22 @@ class GenerationRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     # Unix time in seconds at which the producer submitted the job.
     submitted_at: float | None = None
     schema_version: int = SCHEMA_VERSION
+    model: str = ""
+    """A model name the worker serves (its model's name or an alias); empty: whichever
+    model the group serves. Any other name is refused with ``model_not_found``."""
+    openai: OpenAIReply | None = None
+    """Set for a job that came as an OpenAI Batch line: its replies take OpenAI's shapes."""
+
+
+class OpenAIReply(msgspec.Struct, frozen=True, omit_defaults=True):
+    """How a job that came as an OpenAI Batch line is answered
+    (:mod:`streamproc.openai`)."""
+
+    endpoint: Literal["chat.completions", "completions"]
+    custom_id: str
+    model: str
+    include_usage: bool = False
+    """Its stream ends with a chunk of ``usage`` (``stream_options.include_usage``)."""
 
 
 class RequestEnvelope(msgspec.Struct, frozen=True):
@@ -65,6 +99,23 @@ class RequestEnvelope(msgspec.Struct, frozen=True):
 
     request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     reply_topic: str = ""
+    openai: OpenAIReply | None = None
+
+
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One of the likeliest tokens at a position: ``[token_id, token, logprob]``."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, frozen=True):
+    """A generated token's log-probability, and the likeliest tokens at its position."""
+
+    token: str
+    logprob: float
+    top: list[TopLogprob] = msgspec.field(default_factory=list)
 
 
 class TokenChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
@@ -80,6 +131,8 @@ class TokenChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
     """Tokens of the stream before this chunk: where ``token_ids`` start."""
     text_offset: int = 0
     """Characters (Unicode code points) of the stream's text before this chunk."""
+    logprobs: list[TokenLogprob] | msgspec.UnsetType = msgspec.UNSET
+    """One per token of ``token_ids``, when the request asked for ``logprobs``."""
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -117,6 +170,8 @@ class ErrorMessage(msgspec.Struct, frozen=True, tag="error", tag_field="type"):
     message: str
     retriable: bool = False
     attempt: str = ""
+    param: str = ""
+    """The request field at fault, where one is (``params.top_k``, ``model``)."""
 
 
 class Takeover(msgspec.Struct, frozen=True, tag="takeover", tag_field="type"):

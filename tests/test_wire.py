@@ -4,6 +4,7 @@ import msgspec
 import pytest
 
 from streamproc import wire
+from streamproc.openai.schema import json_schemas as openai_schemas
 
 
 def test_request_round_trip_keeps_every_field() -> None:
@@ -24,11 +25,16 @@ def test_a_minimal_request_from_any_client_decodes_with_defaults() -> None:
     assert decoded.schema_version == wire.SCHEMA_VERSION
 
 
-def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+def test_unknown_fields_are_ignored_for_forward_compatibility_but_never_in_params() -> None:
+    """A field a worker does not know is skipped, except a generation parameter: output that
+    ignored it would pass for what was asked."""
     decoded = wire.request_decoder.decode(
         b'{"request_id": "a", "prompt": "x", "future_field": [1, 2], '
-        b'"params": {"max_new_tokens": 3, "new_knob": true}}')
+        b'"params": {"max_new_tokens": 3}}')
     assert decoded.params.max_new_tokens == 3
+    with pytest.raises(msgspec.ValidationError, match="new_knob"):
+        wire.request_decoder.decode(b'{"request_id": "a", "prompt": "x", '
+                                    b'"params": {"max_new_tokens": 3, "new_knob": true}}')
 
 
 @pytest.mark.parametrize("raw", [
@@ -67,6 +73,6 @@ def test_exported_json_schemas_match_the_structs(tmp_path: object) -> None:
     from pathlib import Path
 
     exported = Path(__file__).resolve().parent.parent / "topics" / "schema"
-    for name, schema in wire.json_schemas().items():
+    for name, schema in {**wire.json_schemas(), **openai_schemas()}.items():
         on_disk = json.loads((exported / f"{name}.schema.json").read_text())
         assert on_disk == schema, f"topics/schema/{name}.schema.json is stale: run make schema"

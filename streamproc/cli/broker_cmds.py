@@ -11,6 +11,7 @@ from streamproc import asyncapi, topics, wire
 from streamproc.cli.common import add_bootstrap, bootstrap, run, security
 from streamproc.devtools import localkafka
 from streamproc.engine.tiny import make_tiny_model
+from streamproc.openai.schema import json_schemas as openai_schemas
 from streamproc.worker.preflight import port_is_free
 
 
@@ -95,7 +96,7 @@ def _local_kafka(args: argparse.Namespace) -> int:
 
 def _schema(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, document in wire.json_schemas().items():
+    for name, document in {**wire.json_schemas(), **openai_schemas()}.items():
         path = args.out / f"{name}.schema.json"
         path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         print(path)

@@ -13,6 +13,7 @@ from types import FrameType
 from typing import NoReturn
 
 from streamproc.cli import (
+    batch_cmd,
     bench_cmd,
     broker_cmds,
     config_cmd,
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker_cmd.register(sub)
     submit_cmd.register(sub)
     submit_cmd.register_cancel(sub)
+    batch_cmd.register(sub)
     lag_cmd.register(sub)
     broker_cmds.register(sub)
     demo_cmd.register(sub)

@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", help=_help(
         "catalog name (`streamproc model list`), .gguf file, model directory or hub id; "
         "fetched on first use (default: {})", "model"))
+    p.add_argument("--model-alias", dest="model_aliases", action="append",
+                   help="another name jobs may give as their model (repeat for several; "
+                   "besides --model as given, its file name and a catalog model's hub id); "
+                   "a job naming any other model is refused with model_not_found")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help=_help("default: {}", "device"))
     p.add_argument("--cpu-threads", type=int, help=_help(
@@ -120,6 +124,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     given = vars(args)
     overrides = {f.name: given[f.name] for f in fields(WorkerConfig)
                  if f.name in given and f.name != "bootstrap"}
+    if overrides.get("model_aliases") is not None:
+        overrides["model_aliases"] = tuple(overrides["model_aliases"])
     config = WorkerConfig.from_env(bootstrap=bootstrap(args), **overrides)
     names = replace(topic_names(load_specs(args.topics_dir)),
                     allowed_reply_pattern=config.reply_topic_pattern)
@@ -129,8 +135,11 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 async def serve(config: WorkerConfig) -> int:
     await preflight(config)
     log.info("loading model %s", config.model)
+    # Jobs name the model as the operator did, not as the cache directory it resolves to.
+    aliases = tuple(sorted(catalog.model_names(config.model, config.model_aliases)))
     # Fetched and converted once, here: the engine's process then loads a plain directory.
-    config = replace(config, model=await asyncio.to_thread(catalog.resolve, config.model))
+    config = replace(config, model=await asyncio.to_thread(catalog.resolve, config.model),
+                     model_aliases=aliases)
     if config.engine_process:  # the engine's process loads the weights, once
         loaded = await asyncio.to_thread(describe_model, config.model, config.device)
     else:

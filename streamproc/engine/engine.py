@@ -25,6 +25,7 @@ from streamproc.engine.grouping import (
 )
 from streamproc.engine.kvbatch import SlotBatch, layer_tensors
 from streamproc.engine.loader import LoadedModel
+from streamproc.engine.logits import LogprobRequest, Logprobs, PenaltyState, apply_penalties
 from streamproc.engine.prefill import MISS, Hit, prefill_inputs, remember
 from streamproc.engine.prefix_cache import PrefixCache
 from streamproc.engine.sampling import choose_tokens
@@ -311,11 +312,28 @@ class Engine:
 
     def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
         now = time.time()
+        # Taken from the model's logits as they came, before any penalty changes them.
+        logprobs = Logprobs(logits, [LogprobRequest(row, s.params.top_logprobs)
+                                     for row, s in enumerate(sequences) if s.params.logprobs])
+        penalties = [self._penalties(s, logits.shape[-1]) for s in sequences]
+        if any(p is not None for p in penalties):
+            logits = logits.clone()
+            apply_penalties(logits, penalties)
         # The whole batch at once: per-row calls cost more than the model at small sizes.
         chosen = choose_tokens(logits, [s.sampler for s in sequences],
                                [s.position for s in sequences])
-        return [seq.expire(now) if _past_deadline(seq.prepared, now) else seq.advance(token, now)
-                for seq, token in zip(sequences, chosen, strict=True)]
+        token_logprobs = logprobs.of(chosen, self._loaded.tokenizer)
+        return [seq.expire(now) if _past_deadline(seq.prepared, now)
+                else seq.advance(token, now, token_logprobs.get(row))
+                for row, (seq, token) in enumerate(zip(sequences, chosen, strict=True))]
+
+    def _penalties(self, sequence: Sequence, vocab: int) -> PenaltyState | None:
+        if sequence.penalties is None and not sequence.generated:
+            prompt = sequence.prepared.prompt_ids[:sequence.prepared.prompt_tokens]
+            sequence.penalties = PenaltyState.start(sequence.params, prompt,
+                                                    sequence.completion, vocab,
+                                                    self._loaded.device)
+        return sequence.penalties
 
     def _admit(self, sequences: list[Sequence], prefill: DynamicCache,
                mask: torch.Tensor, rows: int) -> None:

@@ -1,6 +1,6 @@
 """Choosing each step's tokens from the batch's logits, all rows at once.
 
-Greedy rows take the argmax. Sampled rows (temperature, top-p) are drawn
+Greedy rows take the argmax. Sampled rows (temperature, top-k, top-p) are drawn
 together by inverse transform: one uniform draw per row picks a token from the
 row's cumulative distribution. Each draw is a pure function of the request's
 seed and the token's position, not of a generator object stepped per row: the
@@ -41,6 +41,13 @@ class Sampler:
     seed: int
     temperature: float
     top_p: float
+    top_k: int = 0
+    """0: no top-k truncation."""
+
+    @property
+    def truncates(self) -> bool:
+        """Whether it draws among the likeliest tokens only (top-k or top-p)."""
+        return self.top_p < 1.0 or self.top_k > 0
 
 
 def sampler_for(params: GenerationParams, request_id: str) -> Sampler | None:
@@ -48,7 +55,7 @@ def sampler_for(params: GenerationParams, request_id: str) -> Sampler | None:
     if params.temperature < GREEDY_BELOW:
         return None
     seed = params.seed if params.seed is not None else default_seed(request_id)
-    return Sampler(seed, params.temperature, params.top_p)
+    return Sampler(seed, params.temperature, params.top_p, params.top_k)
 
 
 def default_seed(request_id: str) -> int:
@@ -71,12 +78,12 @@ def choose_tokens(logits: torch.Tensor, samplers: Sequence[Sampler | None],
     """One token per row of ``logits``: row i samples with ``samplers[i]`` (greedy when
     None) at ``positions[i]``, the number of tokens its request generated before."""
     chosen = logits.argmax(dim=-1)
-    # Rows with and without top-p are drawn apart: the first walk their tokens from the
+    # Rows with and without truncation are drawn apart: the first walk their tokens from the
     # most likely down, the others in vocabulary order, and a row must not draw a different
     # token because a neighbour asked for top-p.
     for nucleus in (False, True):
         group = [(row, s, positions[row]) for row, s in enumerate(samplers)
-                 if s is not None and (s.top_p < 1.0) == nucleus]
+                 if s is not None and s.truncates == nucleus]
         if group:
             rows = [row for row, _, _ in group]
             chosen[rows] = _sample(logits[rows], [(s, position) for _, s, position in group],
@@ -96,8 +103,17 @@ def _sample(logits: torch.Tensor, rows: list[tuple[Sampler, int]], *,
     order: torch.Tensor | None = None
     if nucleus:
         probs, order = _sorted_descending(probs)
-        # Keep each row's smallest prefix whose mass reaches its top_p (at least one token).
-        outside = torch.cumsum(probs, dim=-1) - probs >= column([s.top_p for s, _ in rows])
+        # Top-k first, then top-p over what it kept ("transformers"' order): each row keeps
+        # its k likeliest tokens, then the smallest prefix of those whose mass reaches its
+        # top_p (at least one token).
+        ranks = torch.arange(probs.shape[-1], device=device).unsqueeze(0)
+        k = column([float(s.top_k or probs.shape[-1]) for s, _ in rows])
+        truncated = ranks >= k
+        probs = probs.masked_fill(truncated, 0.0)
+        # Rows without top-k compare with top_p itself (their mass is 1 up to rounding).
+        kept = torch.where(truncated.any(dim=-1, keepdim=True),
+                           probs.sum(dim=-1, keepdim=True), 1.0)
+        outside = torch.cumsum(probs, dim=-1) - probs >= column([s.top_p for s, _ in rows]) * kept
         probs = probs.masked_fill(outside, 0.0)
     cdf = torch.cumsum(probs, dim=-1)
     total = cdf[:, -1:]

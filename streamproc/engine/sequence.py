@@ -8,8 +8,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from streamproc.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from streamproc.engine.logits import PenaltyState
 from streamproc.engine.sampling import Sampler, sampler_for
-from streamproc.wire import FinishReason, GenerationRequest, Timings, Usage
+from streamproc.wire import (
+    FinishReason,
+    GenerationParams,
+    GenerationRequest,
+    Timings,
+    TokenLogprob,
+    Usage,
+)
 
 _keys = itertools.count()
 
@@ -26,6 +34,8 @@ class Resumed:
     tokens: list[int]
     text: str
     next_seq: int
+    logprobs: list[TokenLogprob] | None = None
+    """The published chunks' log-probabilities, when the request asked for them."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class PreparedRequest:
         return replace(self, prompt_ids=self.prompt_ids + tokens,
                        max_new_tokens=self.max_new_tokens - len(tokens),
                        resumed=Resumed(before.tokens + tokens, before.text + text,
-                                       before.next_seq))
+                                       before.next_seq, before.logprobs))
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,8 @@ class TokenEvent:
     token_ids: list[int]
     text: str
     outcome: Outcome | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """One per token of ``token_ids``, when the request asked for log-probabilities."""
 
     @property
     def request_id(self) -> str:
@@ -121,6 +133,8 @@ class Sequence:
     finished: bool = False
     owed_text: str = ""
     """Text of a resumed request's published tokens that readers do not hold yet."""
+    penalties: PenaltyState | None = None
+    """Set by the engine at the first step of a request that asks for penalties."""
 
     @classmethod
     def start(cls, prepared: PreparedRequest, tokenizer: Any,
@@ -155,7 +169,18 @@ class Sequence:
     def last_token(self) -> int:
         return self.generated[-1]
 
-    def advance(self, token: int, now: float) -> TokenEvent:
+    @property
+    def params(self) -> GenerationParams:
+        return self.prepared.request.params
+
+    @property
+    def completion(self) -> list[int]:
+        """Every completion token so far, of every attempt."""
+        kept = self.prepared.prompt_ids[self.prepared.prompt_tokens:]
+        return kept + self.generated
+
+    def advance(self, token: int, now: float, logprob: TokenLogprob | None = None
+                ) -> TokenEvent:
         """Append ``token`` and say what it adds to the stream.
 
         An end-of-sequence token (a chat model's end of turn) ends the stream but is not
@@ -166,13 +191,15 @@ class Sequence:
         if token in self.eos_ids and not self.prepared.request.params.ignore_eos:
             return self._finish_event([], self._drain(self.detokenizer.flush()), "stop", now)
         self.generated.append(token)
+        if self.penalties is not None:
+            self.penalties.generated(token)
         reason: FinishReason | None = None
         text, hit = self.stop.feed(self._owed() + self.detokenizer.push(token))
         if hit:
             reason = "stop"
         elif len(self.generated) >= self.prepared.max_new_tokens:
             reason, text = "length", text + self._drain(self.detokenizer.flush())
-        return self._event(token, text, reason, now)
+        return self._event(token, text, reason, now, logprob)
 
     def expire(self, now: float) -> TokenEvent:
         """End early because the deadline passed mid-generation."""
@@ -191,13 +218,14 @@ class Sequence:
         return text if hit else text + self.stop.flush()
 
     def _event(self, token: int, text: str, reason: FinishReason | None,
-               now: float) -> TokenEvent:
+               now: float, logprob: TokenLogprob | None) -> TokenEvent:
+        logprobs = None if logprob is None else [logprob]
         if reason is None:
-            return TokenEvent(self.prepared, [token], text)
-        return self._finish_event([token], text, reason, now)
+            return TokenEvent(self.prepared, [token], text, None, logprobs)
+        return self._finish_event([token], text, reason, now, logprobs)
 
     def _finish_event(self, tokens: list[int], text: str, reason: FinishReason,
-                      now: float) -> TokenEvent:
+                      now: float, logprobs: list[TokenLogprob] | None = None) -> TokenEvent:
         self.finished = True
         origin = self.prepared.origin_ts
         first = self.first_token_at if self.first_token_at is not None else now
@@ -207,4 +235,4 @@ class Sequence:
             timings=Timings(queue_s=max(0.0, self.admitted_at - origin),
                             ttft_s=max(0.0, first - origin), total_s=max(0.0, now - origin)),
         )
-        return TokenEvent(self.prepared, tokens, text, outcome)
+        return TokenEvent(self.prepared, tokens, text, outcome, logprobs)

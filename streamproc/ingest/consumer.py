@@ -18,6 +18,7 @@ from dataclasses import replace
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from streamproc import wire
 from streamproc.channel import Job, WaitingQueue
 from streamproc.engine.sequence import PreparedRequest, Resumed, unserved_event
 from streamproc.errors import RequestError
@@ -27,7 +28,7 @@ from streamproc.flow.recent import RecentRequests
 from streamproc.flow.shedding import cannot_meet_deadline
 from streamproc.ingest.attempts import AttemptLog
 from streamproc.ingest.control import CancelledIds
-from streamproc.ingest.decode import Undecodable, decode_request, envelope_of
+from streamproc.ingest.decode import Refused, Undecodable, decode_request, envelope_of
 from streamproc.ingest.prepare import Preparer
 from streamproc.ingest.resume import Claim, Resumer
 from streamproc.logs import record_context
@@ -148,7 +149,8 @@ class Ingest:
             if self._ledger.done(job.ticket):
                 self._attempts.done(job.ticket)
             return
-        resumed = Resumed(follower.tokens, follower.joined_text, follower.next_seq)
+        resumed = Resumed(follower.tokens, follower.joined_text, follower.next_seq,
+                          follower.logprobs)
         job = replace(job, prepared=job.prepared.resume(resumed))
         if job.prepared.max_new_tokens <= 0:  # it had all its tokens but not its end
             await self._answer(job, "length")
@@ -174,6 +176,9 @@ class Ingest:
         if isinstance(request, Undecodable):
             await self._undecodable(record, ticket, request)
             return None
+        if isinstance(request, Refused):
+            await self._reject(record, ticket, request.envelope, request.error)
+            return None
         first = self._recent.duplicate_of(ticket.tp, request.request_id, record.offset)
         if first is not None:
             self._duplicate(record, ticket, request.request_id, first)
@@ -181,7 +186,7 @@ class Ingest:
         try:
             prepared = self._preparer.prepare(request, record.timestamp / 1000)
         except RequestError as exc:
-            await self._reject(record, ticket, request.request_id, request.reply_topic, exc)
+            await self._reject(record, ticket, _envelope(request), exc)
             return None
         except Exception as exc:  # a tokenizer or template failing on this one
             await self._unprocessable(record, ticket, request, exc)
@@ -222,9 +227,8 @@ class Ingest:
         if failure.envelope is None:
             self._stats.failed("dead_letter")
         else:  # it names itself: tell its producer too
-            error = RequestError("invalid_request", failure.detail)
-            await self._reject(record, ticket, failure.envelope.request_id,
-                               failure.envelope.reply_topic, error, dead_lettered=True)
+            error = RequestError("invalid_request", failure.detail, param=failure.param)
+            await self._reject(record, ticket, failure.envelope, error, dead_lettered=True)
 
     def _duplicate(self, record: ConsumerRecord, ticket: Ticket, request_id: str,
                    first: int) -> None:
@@ -250,7 +254,7 @@ class Ingest:
         if envelope is None:
             self._stats.failed("poison")
             return
-        await self._reject(record, ticket, envelope.request_id, envelope.reply_topic,
+        await self._reject(record, ticket, envelope,
                            RequestError("poison", detail), dead_lettered=True)
 
     async def _unprocessable(self, record: ConsumerRecord, ticket: Ticket,
@@ -263,12 +267,13 @@ class Ingest:
                     extra={**record_context(record.topic, record.partition, record.offset,
                                             request.request_id), "code": "unprocessable"})
         await self._publisher.dead_letter(record, "unprocessable", detail, ticket)
-        await self._reject(record, ticket, request.request_id, request.reply_topic,
+        await self._reject(record, ticket, _envelope(request),
                            RequestError("invalid_request", detail), dead_lettered=True)
 
-    async def _reject(self, record: ConsumerRecord, ticket: Ticket, request_id: str,
-                      reply_topic: str,
-                      exc: RequestError, *, dead_lettered: bool = False) -> None:
+    async def _reject(self, record: ConsumerRecord, ticket: Ticket,
+                      envelope: wire.RequestEnvelope, exc: RequestError, *,
+                      dead_lettered: bool = False) -> None:
+        request_id, reply_topic = envelope.request_id, envelope.reply_topic
         log.info("request %s rejected: %s: %s", request_id, exc.code, exc.message,
                  extra={**record_context(record.topic, record.partition, record.offset,
                                          request_id), "code": exc.code})
@@ -282,7 +287,7 @@ class Ingest:
             # its readers follow an attempt, so the error comes as a takeover's.
             attempt = uuid.uuid4().hex[:12]
             await self._publisher.takeover(topic, request_id, attempt)
-        await self._publisher.reject(topic, request_id, ticket, exc.code, exc.message, attempt)
+        await self._publisher.reject(topic, envelope, ticket, exc, attempt)
 
     def _answer_topic(self, reply_topic: str) -> str:
         """Where to answer a job that names ``reply_topic``: never where a job asks unless
@@ -290,3 +295,7 @@ class Ingest:
         topic = reply_topic or self._preparer.reply_topic_default
         return topic if self._preparer.reply_allowed(topic) else \
             self._preparer.reply_topic_default
+
+
+def _envelope(request: GenerationRequest) -> wire.RequestEnvelope:
+    return wire.RequestEnvelope(request.request_id, request.reply_topic, request.openai)

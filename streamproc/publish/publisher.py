@@ -37,16 +37,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+import msgspec
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from streamproc import wire
 from streamproc.channel import Job
-from streamproc.engine.sequence import TokenEvent
+from streamproc.engine.sequence import Outcome, TokenEvent
+from streamproc.errors import RequestError
 from streamproc.flow.ledger import Ticket
 from streamproc.logs import record_context
 from streamproc.metrics.stats import WorkerStats
+from streamproc.openai.replies import ANSWERED, OpenAIStream
 
 log = logging.getLogger(__name__)
 OnAcked = Callable[[Ticket], None]
@@ -63,12 +66,15 @@ class _Stream:
     next_seq: int = 0
     held_text: str = ""
     held_tokens: list[int] = field(default_factory=list)
+    held_logprobs: list[wire.TokenLogprob] | None = None
     in_flight: asyncio.Future[object] | None = None
     """The send of the stream's last chunk."""
     tokens_sent: int = 0
     text_sent: int = 0
     sent_at: float = -math.inf
     """When its last chunk went out (monotonic seconds)."""
+    openai: OpenAIStream | None = None
+    """Renders a job that came as an OpenAI Batch line; None: native messages."""
 
     @property
     def awaiting_ack(self) -> bool:
@@ -78,11 +84,14 @@ class _Stream:
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         return seq
 
-    def take_held(self, text: str, tokens: list[int]) -> tuple[str, list[int]]:
+    def take_held(self, text: str, tokens: list[int], logprobs: list[wire.TokenLogprob] | None
+                  ) -> tuple[str, list[int], list[wire.TokenLogprob] | None]:
         if not self.holding:  # the common case, once per token: no copies
-            return text, tokens
-        merged = (self.held_text + text, self.held_tokens + tokens)
-        self.held_text, self.held_tokens = "", []
+            return text, tokens, logprobs
+        held = self.held_logprobs
+        merged = (self.held_text + text, self.held_tokens + tokens,
+                  None if held is None and logprobs is None else (held or []) + (logprobs or []))
+        self.held_text, self.held_tokens, self.held_logprobs = "", [], None
         return merged
 
     @property
@@ -140,9 +149,12 @@ class Publisher:
         stream = self._streams.get(_key(job)) or await self._open_stream(job)
         ending = event.outcome is not None
         if event.token_ids or event.text or (ending and stream.holding):
-            await self._chunk(job, stream, event.text, event.token_ids, final=ending)
+            await self._chunk(job, stream, event.text, event.token_ids, event.logprobs,
+                              final=ending)
         if event.outcome is not None:
             o = event.outcome
+            if stream.openai is not None and o.finish_reason in ANSWERED:
+                await self._closing_chunks(job, stream, stream.openai, o)
             final = wire.FinalMessage(job.request_id, stream.take_seq(), o.finish_reason,
                                       o.usage, o.timings, o.detail, job.attempt)
             await self._finish(job, stream, final)
@@ -151,15 +163,19 @@ class Publisher:
         """End ``job``'s stream with an error message."""
         stream = self._streams.get(_key(job)) or await self._open_stream(job)
         if stream.holding:  # what was generated goes out before the end
-            await self._chunk(job, stream, "", [], final=True)
+            await self._chunk(job, stream, "", [], None, final=True)
         await self._finish(job, stream, wire.ErrorMessage(
             job.request_id, stream.take_seq(), code, message, retriable, job.attempt))
 
-    async def reject(self, reply_topic: str, request_id: str, ticket: Ticket,
-                     code: str, message: str, attempt: str = "") -> None:
+    async def reject(self, reply_topic: str, envelope: wire.RequestEnvelope, ticket: Ticket,
+                     error: RequestError, attempt: str = "") -> None:
         """Answer a request that never became a job (it failed validation)."""
-        ack = await self._send(reply_topic, request_id,
-                               wire.ErrorMessage(request_id, 0, code, message, False, attempt))
+        request_id = envelope.request_id
+        message = wire.ErrorMessage(request_id, 0, error.code, error.message, error.retriable,
+                                    attempt, error.param)
+        payload = (wire.encode(message) if envelope.openai is None
+                   else OpenAIStream(envelope.openai, int(time.time())).error(message))
+        ack = await self._send(reply_topic, request_id, payload)
         self._track(ack, ticket)
 
     async def dead_letter(self, record: ConsumerRecord, reason: str, detail: str,
@@ -187,7 +203,7 @@ class Publisher:
         return where it landed: readers ignore every other attempt after that offset."""
         partition = await self._partition(reply_topic, request_id)
         ack = await self._send(reply_topic, request_id,
-                               wire.Takeover(request_id, attempt), partition)
+                               wire.encode(wire.Takeover(request_id, attempt)), partition)
         metadata = cast(RecordMetadata, await ack)
         return TopicPartition(reply_topic, partition), metadata.offset
 
@@ -204,6 +220,11 @@ class Publisher:
         if resumed is not None:
             stream.next_seq = resumed.next_seq
             stream.tokens_sent, stream.text_sent = len(resumed.tokens), len(resumed.text)
+        reply = job.prepared.request.openai
+        if reply is not None:
+            stream.openai = OpenAIStream(
+                reply, int(job.prepared.origin_ts), resumed.text if resumed else "",
+                resumed.logprobs if resumed else None, stream.next_seq)
         self._streams[_key(job)] = stream
         return stream
 
@@ -211,22 +232,37 @@ class Publisher:
         partitions = sorted(await self._producer.partitions_for(topic))
         return int(self._partitioner(request_id.encode(), partitions, partitions))
 
-    async def _chunk(self, job: Job, stream: _Stream, text: str, tokens: list[int], *,
-                     final: bool) -> None:
-        text, tokens = stream.take_held(text, tokens)
+    async def _chunk(self, job: Job, stream: _Stream, text: str, tokens: list[int],
+                     logprobs: list[wire.TokenLogprob] | None, *, final: bool) -> None:
+        text, tokens, logprobs = stream.take_held(text, tokens, logprobs)
         now = time.monotonic()
         if self._coalesce and not final and self._hold(stream, now):
-            stream.held_text, stream.held_tokens = text, tokens
+            stream.held_text, stream.held_tokens, stream.held_logprobs = text, tokens, logprobs
             return
         chunk = wire.TokenChunk(job.request_id, stream.take_seq(), text, tokens, job.attempt,
-                                stream.tokens_sent, stream.text_sent)
+                                stream.tokens_sent, stream.text_sent,
+                                msgspec.UNSET if logprobs is None else logprobs)
         stream.tokens_sent += len(tokens)
         stream.text_sent += len(text)
         stream.sent_at = now
         self._stats.chunks_published += 1
         self._stats.chunk_tokens_published += len(tokens)
-        stream.in_flight = await self._send(job.reply_topic, job.request_id, chunk,
+        payload = wire.encode(chunk) if stream.openai is None else stream.openai.chunk(chunk)
+        stream.in_flight = await self._send(job.reply_topic, job.request_id, payload,
                                             stream.partition)
+
+    async def _closing_chunks(self, job: Job, stream: _Stream, openai: OpenAIStream,
+                              outcome: Outcome) -> None:
+        """OpenAI's last chunk (the finish reason) and, if asked for, its usage chunk."""
+        def empty() -> wire.TokenChunk:
+            return wire.TokenChunk(job.request_id, stream.take_seq(), "", [], job.attempt,
+                                   stream.tokens_sent, stream.text_sent)
+        payloads = [openai.finish_chunk(empty(), outcome.finish_reason)]
+        if job.prepared.request.openai is not None and \
+                job.prepared.request.openai.include_usage:
+            payloads.append(openai.usage_chunk(empty(), outcome.usage))
+        for payload in payloads:
+            await self._send(job.reply_topic, job.request_id, payload, stream.partition)
 
     def _hold(self, stream: _Stream, now: float) -> bool:
         """Whether ``stream``'s new tokens wait for its next chunk: Kafka is behind it, or
@@ -236,14 +272,15 @@ class Publisher:
     async def _finish(self, job: Job, stream: _Stream,
                       final: wire.FinalMessage | wire.ErrorMessage) -> None:
         self._streams.pop(_key(job), None)
-        ack = await self._send(job.reply_topic, job.request_id, final, stream.partition)
+        ack = await self._send(job.reply_topic, job.request_id,
+                               _terminal(final, stream.openai), stream.partition)
         self._track(ack, job.ticket)
 
-    async def _send(self, topic: str, request_id: str, message: wire.ResponseMessage,
+    async def _send(self, topic: str, request_id: str, payload: bytes,
                     partition: int | None = None) -> asyncio.Future[object]:
         self._check_alive()
         future: asyncio.Future[object] = await self._producer.send(
-            topic, wire.encode(message), key=request_id.encode(), partition=partition)
+            topic, payload, key=request_id.encode(), partition=partition)
         return future
 
     def _track(self, ack: asyncio.Future[object], ticket: Ticket) -> None:
@@ -264,6 +301,15 @@ class Publisher:
             self._on_failed(ticket, exc)
             return
         self._on_acked(ticket)
+
+
+def _terminal(message: wire.FinalMessage | wire.ErrorMessage,
+              openai: OpenAIStream | None) -> bytes:
+    if openai is None:
+        return wire.encode(message)
+    if isinstance(message, wire.FinalMessage):
+        return openai.final(message)
+    return openai.error(message)
 
 
 def _key(job: Job) -> StreamKey:

@@ -28,6 +28,7 @@ from streamproc.admission.adaptive import AdaptiveController, ControllerSettings
 from streamproc.admission.policy import AdaptivePolicy, BatchPolicy, FixedWindowPolicy
 from streamproc.channel import Job, WaitingQueue
 from streamproc.config import WorkerConfig
+from streamproc.engine.catalog import model_names
 from streamproc.engine.engine import Engine
 from streamproc.engine.loader import LoadedModel, load_tokenizer
 from streamproc.engine.sequence import unserved_event
@@ -91,7 +92,8 @@ class Worker:
         self._preparer = preparer = Preparer(load_tokenizer(config.model), loaded.max_context,
                             config.max_new_tokens_cap, config.topics,
                             max_prompt_tokens=config.max_prompt_tokens,
-                            max_span_tokens=kv_budget.tokens)
+                            max_span_tokens=kv_budget.tokens,
+                            models=model_names(config.model, config.model_aliases))
         self.ingest = Ingest(self._consumer, preparer, self.waiting, self.ledger,
                              self._publisher, self.stats,
                              lanes=config.topics.requests, lane_backlog=config.lane_backlog,

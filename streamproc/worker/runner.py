@@ -30,6 +30,7 @@ import torch
 from streamproc.engine.engine import Engine
 from streamproc.engine.sequence import Outcome, PreparedRequest, TokenEvent
 from streamproc.errors import EngineError, EngineStepError
+from streamproc.wire import TokenLogprob
 from streamproc.worker.steps import StepFigures, StepResult, checked_ahead, run_step
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Ready(msgspec.Struct, frozen=True, tag=True, array_like=True):
     """The accelerator's free memory once the engine is warm (0 on a CPU)."""
 
 
-KeyedEvent = tuple[int, list[int], str, Outcome | None]
+KeyedEvent = tuple[int, list[int], str, Outcome | None, list[TokenLogprob] | None]
 """Key, token ids, text and, on a request's last event, its outcome. A tuple, not a
 struct: a step sends one per running request, and tuples encode and decode fastest."""
 
@@ -165,7 +166,8 @@ class EngineSide:
             self._send(Failed(f"{type(exc).__name__}: {exc}", self._submits_taken,
                               is_out_of_memory(exc)))
             return
-        events = [(e.source.key, e.token_ids, e.text, e.outcome) for e in result.events]
+        events = [(e.source.key, e.token_ids, e.text, e.outcome, e.logprobs)
+                  for e in result.events]
         self._send(Done(events, result.figures, self._submits_taken))
 
 
@@ -262,11 +264,11 @@ class LoopSide:
 
     def _events(self, events: list[KeyedEvent]) -> list[TokenEvent]:
         out = []
-        for key, token_ids, text, outcome in events:
+        for key, token_ids, text, outcome, logprobs in events:
             source = self._sources.get(key)
             if source is None:  # abandoned while the step ran
                 continue
             if outcome is not None:
                 del self._sources[key]
-            out.append(TokenEvent(source, token_ids, text, outcome))
+            out.append(TokenEvent(source, token_ids, text, outcome, logprobs))
         return out
