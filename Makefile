@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # TORCH_SPEC="torch==2.13.0+cu126" with your index configured in pip.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench bench-takeover bench-prefix gpu-check gpu-check-wheels lint typecheck unit schema clean
+.PHONY: demo test bench bench-takeover bench-prefix bench-batch gpu-check gpu-check-wheels lint typecheck unit schema clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed (set PYTHON=...)")'
@@ -33,6 +33,10 @@ bench-takeover: $(BIN)/.installed
 # The prefix cache on and off on one shared instruction, and its cost on unique prompts.
 bench-prefix: $(BIN)/.installed
 	$(BIN)/python -m streamproc.devtools.bench.shared_prefix
+
+# 1,000 OpenAI Batch lines through `streamproc batch`, against offline generate().
+bench-batch: $(BIN)/.installed
+	$(BIN)/python -m streamproc.devtools.bench.openai_batch
 
 # The engine against generate() on a GPU: a random-weight 1B Llama, bf16, batch 1/8/32/128.
 # Runs on a machine with torch and transformers and no package registry: what else it

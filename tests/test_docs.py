@@ -17,7 +17,7 @@ def test_the_readme_is_a_five_minute_read() -> None:
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= 250
     for page in ("architecture", "operations", "configuration", "wire-schema", "security",
-                 "benchmark"):
+                 "benchmark", "openai"):
         assert f"docs/{page}.md" in "\n".join(lines)
 
 

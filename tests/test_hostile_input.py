@@ -57,10 +57,39 @@ params = st.one_of(numbers, st.fixed_dictionaries({}, optional={
     "seed": numbers,
     "surprise": st.text(max_size=8),
 }))
+reply_topics = st.sampled_from(["", "__consumer_offsets", "nope", "streamproc.dead-letter"])
 requests = st.fixed_dictionaries({"request_id": bad_ids, "prompt": prompts}, optional={
     "params": params, "priority": numbers, "deadline": numbers,
-    "reply_topic": st.sampled_from(["", "__consumer_offsets", "nope", "streamproc.dead-letter"]),
+    "reply_topic": reply_topics,
     "unknown_field": st.recursive(st.none() | st.integers(), lambda c: st.lists(c, max_size=2)),
+})
+contents = st.one_of(st.text(max_size=16), numbers, st.lists(st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image_url", 7])},
+    optional={"text": st.one_of(st.text(max_size=8), numbers)}), max_size=2))
+bodies = st.one_of(numbers, st.fixed_dictionaries({}, optional={
+    "model": st.one_of(st.sampled_from(["tiny-model0", "gpt-4o", ""]), numbers),
+    "messages": st.one_of(numbers, st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "tool", 3])},
+        optional={"content": contents, "name": st.text(max_size=3)}), max_size=3)),
+    "prompt": prompts,
+    "max_tokens": numbers, "max_completion_tokens": numbers, "temperature": numbers,
+    "top_p": numbers, "top_k": numbers, "n": numbers, "seed": numbers,
+    "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=20),
+                      numbers),
+    "frequency_penalty": numbers, "presence_penalty": numbers, "repetition_penalty": numbers,
+    "logprobs": st.one_of(st.booleans(), numbers), "top_logprobs": numbers,
+    "stream": st.one_of(st.booleans(), numbers),
+    "stream_options": st.one_of(numbers, st.fixed_dictionaries(
+        {}, optional={"include_usage": st.one_of(st.booleans(), numbers)})),
+    "tools": st.lists(st.none(), max_size=1), "response_format": numbers,
+}))
+lines = st.fixed_dictionaries({"custom_id": bad_ids}, optional={
+    "method": st.sampled_from(["POST", "GET", 1]),
+    "url": st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings", 5]),
+    "body": bodies,
+    "streamproc": st.one_of(numbers, st.fixed_dictionaries({}, optional={
+        "priority": numbers, "deadline": numbers, "reply_topic": reply_topics,
+        "colour": numbers})),
 })
 hostile = st.one_of(
     st.binary(max_size=64),
@@ -68,14 +97,16 @@ hostile = st.one_of(
     st.just(b""),
     requests,
     requests.map(lambda r: {**r, "prompt": "y" * (MAX_MESSAGE_BYTES + 100)}),  # too large
+    lines,  # OpenAI Batch lines, every field of them hostile
 )
 
 
 def encode_case(case: bytes | dict[str, Any]) -> bytes:
     if isinstance(case, bytes):
         return case
-    if case["request_id"] == UNIQUE:
-        case = {**case, "request_id": f"hostile-{next(_ids)}-{uuid.uuid4().hex[:6]}"}
+    for id_field in ("request_id", "custom_id"):
+        if case.get(id_field) == UNIQUE:
+            case = {**case, id_field: f"hostile-{next(_ids)}-{uuid.uuid4().hex[:6]}"}
     return json.dumps(case, allow_nan=True).encode()  # NaN/Infinity: invalid JSON on purpose
 
 
@@ -87,8 +118,13 @@ def answered_by_id(payload: bytes) -> str | None:
         decoded = msgspec.json.decode(payload)
     except (msgspec.DecodeError, RecursionError):
         return None
-    rid = decoded.get("request_id") if isinstance(decoded, dict) else None
-    return rid if isinstance(rid, str) and 1 <= len(rid) <= 256 else None
+    if not isinstance(decoded, dict):
+        return None
+    for id_field in ("request_id", "custom_id"):  # a native job's, or an OpenAI line's
+        rid = decoded.get(id_field)
+        if isinstance(rid, str) and 1 <= len(rid) <= 256:
+            return rid
+    return None
 
 
 class Harness:

@@ -13,7 +13,7 @@ gives ``invalid_request`` with ``param`` naming it, never output that ignored it
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -53,18 +53,13 @@ class BatchLine(msgspec.Struct, frozen=True):
     streamproc: Extension | None = None
 
 
-class ReplyTo(msgspec.Struct, frozen=True):
-    """Of a line's ``streamproc`` member, where to answer (whatever else it holds)."""
-
-    reply_topic: str = ""
-
-
 class LineEnvelope(msgspec.Struct, frozen=True):
-    """Enough of a line to answer it, whatever else is wrong with it."""
+    """Enough of a line to answer it, whatever else is wrong with it: a line that names
+    itself is answered, however broken the rest."""
 
     custom_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    url: str = ""
-    streamproc: ReplyTo | None = None
+    url: Any = ""
+    streamproc: Any = None
 
 
 class TextPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -150,8 +145,13 @@ def is_batch_line(value: bytes) -> bool:
 
 
 def envelope(line: LineEnvelope | BatchLine) -> wire.RequestEnvelope:
-    reply_topic = line.streamproc.reply_topic if line.streamproc is not None else ""
-    endpoint = ENDPOINTS.get(line.url, "chat.completions")
+    ext = line.streamproc
+    reply_topic = (ext.reply_topic if isinstance(ext, Extension)
+                   else ext.get("reply_topic") if isinstance(ext, dict) else "")
+    if not isinstance(reply_topic, str):
+        reply_topic = ""
+    endpoint = ENDPOINTS.get(line.url, "chat.completions") if isinstance(line.url, str) \
+        else "chat.completions"
     return wire.RequestEnvelope(line.custom_id, reply_topic,
                                 wire.OpenAIReply(endpoint, line.custom_id, ""))
 
