@@ -30,6 +30,13 @@ def test_another_offset_is_a_duplicate_the_same_offset_read_again_is_not() -> No
     assert recent.duplicate_of(TP, "a", 12) is None  # bounded: the oldest forgotten
 
 
+def test_the_same_id_submitted_again_later_is_a_new_job_not_a_retry() -> None:
+    recent = RecentRequests()
+    assert recent.duplicate_of(TP, "line-1", 5, 1000.0) is None
+    assert recent.duplicate_of(TP, "line-1", 6, 1000.0) == 5  # the same bytes: a retry
+    assert recent.duplicate_of(TP, "line-1", 7, 2000.0) is None  # a batch run again
+
+
 @pytest.mark.kafka
 @pytest.mark.model
 async def test_a_job_written_twice_streams_once(worker: Worker) -> None:

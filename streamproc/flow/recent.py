@@ -2,9 +2,11 @@
 same partition, and the same request id, at another offset.
 
 Pure: the request ids read lately per partition, each with the offset it was first read
-at, bounded in count. A record whose request id was first read at another offset of the
-same partition is a duplicate; the same offset read again (a partition given back after a
-rebalance) is not.
+at, bounded in count. A record whose request id (and submit time) was first read at
+another offset of the same partition is a duplicate; the same offset read again (a
+partition given back after a rebalance) is not. The submit time tells a retry (the same
+bytes again) from the same id sent again on purpose, later: a batch file run a second
+time is served a second time.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ REMEMBER_MAX = 200_000
 
 class RecentRequests:
     def __init__(self, max_ids: int = REMEMBER_MAX) -> None:
-        self._first: OrderedDict[tuple[TopicPartition, str], int] = OrderedDict()
+        self._first: OrderedDict[tuple[TopicPartition, str, float | None], int] = OrderedDict()
         self._max_ids = max_ids
 
-    def duplicate_of(self, tp: TopicPartition, request_id: str, offset: int) -> int | None:
+    def duplicate_of(self, tp: TopicPartition, request_id: str, offset: int,
+                     submitted_at: float | None = None) -> int | None:
         """The offset this request was first read at, if that was another record; else
         None (and it is remembered as read at ``offset``)."""
-        key = (tp, request_id)
+        key = (tp, request_id, submitted_at)
         first = self._first.get(key)
         if first is not None and first != offset:
             self._first.move_to_end(key)

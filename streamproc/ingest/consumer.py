@@ -179,7 +179,8 @@ class Ingest:
         if isinstance(request, Refused):
             await self._reject(record, ticket, request.envelope, request.error)
             return None
-        first = self._recent.duplicate_of(ticket.tp, request.request_id, record.offset)
+        first = self._recent.duplicate_of(ticket.tp, request.request_id, record.offset,
+                                          request.submitted_at)
         if first is not None:
             self._duplicate(record, ticket, request.request_id, first)
             return None
