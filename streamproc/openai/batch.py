@@ -136,14 +136,18 @@ class BatchRun:
 
     def _resume_or_start(self) -> Progress:
         s = self._settings
-        source = str(s.input.resolve())
+        source, size = str(s.input.resolve()), s.input.stat().st_size
         progress = read_progress(s.progress_file)
         if progress is None:
-            return Progress(source, s.reply_topic, time.time())
+            return Progress(source, s.reply_topic, time.time(), size)
         if progress.input != source or progress.reply_topic != s.reply_topic:
             raise BatchFileError(
                 f"{s.progress_file} belongs to a run of {progress.input} answered on "
                 f"{progress.reply_topic}: name another --output, or remove it to start over")
+        if progress.input_bytes != size:
+            raise BatchFileError(
+                f"{s.input} changed since the run {s.progress_file} records began: name "
+                "another --output, or remove the progress file to start over")
         return progress
 
     async def _start(self) -> None:

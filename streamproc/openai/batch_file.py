@@ -126,6 +126,8 @@ class Progress(msgspec.Struct):
     input: str
     reply_topic: str
     started_at: float
+    input_bytes: int = 0
+    """The input's size when the first run began: a file changed since is not resumed."""
     """When the first run began: answers are read back from just before it."""
     sent: int = 0
     """Lines, from the top of the input, that the broker acknowledged."""
