@@ -90,6 +90,24 @@ async def test_it_steps_on_its_own_and_matches_generate(runner: EngineRunner,
     assert not runner.expecting
 
 
+async def test_log_probabilities_and_penalties_cross_to_the_loop(runner: EngineRunner) -> None:
+    """What the engine computes per token for a request that asks arrives whole, across a
+    process boundary too."""
+    params = GenerationParams(max_new_tokens=6, logprobs=True, top_logprobs=2,
+                              frequency_penalty=1.0, top_k=3, temperature=0.9, seed=4)
+    request = GenerationRequest(request_id="lp", prompt="-", params=params)
+    asking = PreparedRequest(request, [5, 9, 14, 3], 6, time.time())
+    runner.submit([asking], frozenset(), frozenset())
+    events, _ = await collect(runner, {"lp"})
+    tokens = [t for e in events["lp"] for t in e.token_ids]
+    logprobs = [lp for e in events["lp"] for lp in (e.logprobs or [])]
+    assert len(logprobs) == len(tokens) == 6
+    for entry in logprobs:
+        assert entry.logprob <= 0
+        assert len(entry.top) == 2
+        assert entry.top[0].logprob >= entry.top[1].logprob
+
+
 async def test_it_runs_at_most_two_steps_ahead_of_the_loop(runner: EngineRunner) -> None:
     runner.submit([prepared("long", [4, 5, 6], 40)], frozenset(), frozenset())
     await asyncio.sleep(1.0)  # far longer than a few steps: the engine waits for us
