@@ -17,12 +17,9 @@ from streamproc.devtools.bench.measure import Observation, summarize
 from streamproc.devtools.bench.paired import best_batch_size, wave_ratios
 from streamproc.devtools.bench.peers import offline_ceiling, offline_engine
 from streamproc.devtools.bench.run import _timeline
+from streamproc.devtools.bench.settings import SharedPrefixSettings
 from streamproc.devtools.bench.shared_prefix import INSTRUCTION
-from streamproc.devtools.bench.shared_workload import (
-    SharedPrefixSettings,
-    shared_prefix_report,
-    shared_prefix_trace,
-)
+from streamproc.devtools.bench.shared_workload import shared_prefix_report, shared_prefix_trace
 from streamproc.devtools.bench.targets import long_prompt_ratios, targets
 from streamproc.devtools.bench.trace import TraceSettings, build
 from streamproc.engine.loader import LoadedModel

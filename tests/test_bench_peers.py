@@ -12,11 +12,11 @@ from streamproc.devtools.bench.paired import wave_ratios
 from streamproc.devtools.bench.run import (
     PAIRED_PEER,
     PEERS,
-    BenchSettings,
     _announced,
     _paired_ceiling,
     replay_peers,
 )
+from streamproc.devtools.bench.settings import BenchSettings
 from streamproc.devtools.bench.trace import TraceSettings, build
 from streamproc.engine.loader import LoadedModel
 from streamproc.metrics.trace import as_columns, read_trace

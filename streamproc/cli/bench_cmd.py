@@ -8,24 +8,23 @@ import sys
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamproc.cli.common import add_bootstrap, run
 from streamproc.cli.demo_cmd import local_broker
 from streamproc.config import DEFAULT_MODEL, bootstrap_from_env
-from streamproc.devtools.bench.run import (
+from streamproc.devtools.bench.settings import (
     BenchSettings,
-    describe,
+    SharedPrefixSettings,
     real_model_settings,
-    run_bench,
-    run_shared_prefix,
 )
-from streamproc.devtools.bench.shared_workload import SharedPrefixSettings
 from streamproc.devtools.bench.trace import TraceSettings
 from streamproc.engine import catalog
 from streamproc.engine.catalog import TINY
-from streamproc.engine.loader import LoadedModel, load_model
 from streamproc.errors import ConfigError
+
+if TYPE_CHECKING:
+    from streamproc.engine.loader import LoadedModel
 
 TRACE, SHARED_PREFIX = "trace", "shared-prefix"
 WORKLOADS = (TRACE, SHARED_PREFIX)
@@ -136,6 +135,9 @@ def _given(**values: Any) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> int:
+    # torch and transformers load here, not with the command line.
+    from streamproc.engine.loader import load_model
+
     settings = settings_from(args, args.model == TINY)
     with ExitStack() as cleanup:
         address = args.bootstrap or bootstrap_from_env() or local_broker(cleanup, _say)
@@ -156,6 +158,8 @@ def _main(args: argparse.Namespace) -> int:
 
 async def _bench(address: str, loaded: LoadedModel, model: str,
                  settings: BenchSettings) -> dict[str, Any]:
+    from streamproc.devtools.bench.run import describe, run_bench, run_shared_prefix
+
     report = (await run_bench(address, loaded, model, settings, _say) if settings.run_trace
               else {"model": describe(loaded, model)})
     if settings.shared_prefix.records:

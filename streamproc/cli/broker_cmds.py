@@ -10,7 +10,6 @@ from pathlib import Path
 from streamproc import asyncapi, topics, wire
 from streamproc.cli.common import add_bootstrap, bootstrap, run, security
 from streamproc.devtools import localkafka
-from streamproc.engine.tiny import make_tiny_model
 from streamproc.openai.schema import json_schemas as openai_schemas
 from streamproc.worker.preflight import port_is_free
 
@@ -108,6 +107,8 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
+    from streamproc.engine.tiny import make_tiny_model  # torch: only for this command
+
     if args.layers < 1 or args.hidden < 4 or args.hidden % 4:
         print("error: --layers must be >= 1 and --hidden a positive multiple of 4",
               file=sys.stderr)

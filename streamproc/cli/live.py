@@ -6,7 +6,7 @@ import statistics
 import sys
 
 from streamproc.client import Result, ResultStream
-from streamproc.metrics.stats import percentile
+from streamproc.metrics.percentiles import percentile
 
 _WIDTH = 72
 

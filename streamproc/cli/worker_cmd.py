@@ -13,10 +13,8 @@ from streamproc.cli.common import add_bootstrap, bootstrap, run, setup_logging
 from streamproc.cli.failures import Exit
 from streamproc.config import WorkerConfig
 from streamproc.engine import catalog
-from streamproc.engine.loader import describe_model, load_model
 from streamproc.errors import WorkerStalledError
 from streamproc.topics import load_specs, topic_names
-from streamproc.worker.app import Worker
 from streamproc.worker.preflight import preflight
 
 log = logging.getLogger("streamproc.worker")
@@ -133,6 +131,11 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 
 async def serve(config: WorkerConfig) -> int:
+    # torch and transformers load here, not with the command line: `--help` and every
+    # other command start in a fraction of the time.
+    from streamproc.engine.loader import describe_model, load_model
+    from streamproc.worker.app import Worker
+
     await preflight(config)
     log.info("loading model %s", config.model)
     # Jobs name the model as the operator did, not as the cache directory it resolves to.

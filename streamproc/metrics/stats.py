@@ -6,7 +6,6 @@ and readers turn them into whatever they publish.
 
 from __future__ import annotations
 
-import math
 import time
 from bisect import bisect_left
 from collections import Counter, deque
@@ -14,6 +13,9 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from streamproc.engine.prefix_cache import PrefixStats
+from streamproc.metrics.percentiles import percentile
+
+__all__ = ["percentile"]  # still importable from here
 from streamproc.engine.sequence import Outcome
 
 RATE_WINDOW_S = 30.0
@@ -22,15 +24,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The nearest-rank ``q``-th percentile of ``values`` (0 when empty)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[rank]
 
 
 @dataclass

@@ -14,7 +14,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +31,12 @@ from streamproc.devtools.bench.offload import off_loop
 from streamproc.devtools.bench.paired import PairedCeiling
 from streamproc.devtools.bench.peers import offline_ceiling, offline_engine
 from streamproc.devtools.bench.serve import READY, Peer, PeerSpec
-from streamproc.devtools.bench.shared_workload import (
-    SharedPrefixSettings,
-    shared_prefix_report,
-    shared_prefix_trace,
-)
+from streamproc.devtools.bench.settings import BenchSettings
+from streamproc.devtools.bench.shared_workload import shared_prefix_report, shared_prefix_trace
 from streamproc.devtools.bench.targets import long_prompt_ratios, targets
 from streamproc.devtools.bench.trace import (
     Arrival,
-    TraceSettings,
     build,
-    real_model_trace,
     rendered,
 )
 from streamproc.engine.loader import LoadedModel
@@ -65,50 +59,6 @@ SMALL_CHUNK = 128
 """Beside the default chunk size, a small one, for how far chunks smooth the steps."""
 SAMPLED = (0.8, 0.95)
 """Temperature and top-p of the sampled engine run, as a chat application might ask."""
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    trace: TraceSettings = field(default_factory=TraceSettings)
-    ttft_target_s: float = 1.0
-    itl_target_s: float = 0.1
-    fixed_window_s: float = 0.010
-    fixed_batch: int = 32
-    max_batch_size: int = 128
-    """streamproc's largest decode batch; the ceiling is measured up to the same size."""
-    drain_timeout_s: float = 180.0
-    paired_rounds: int = 3
-    """Saturation waves through streamproc after the trace, each between two ceiling runs
-    (:mod:`streamproc.devtools.bench.paired`); 0: none, the target reads the trace's wave."""
-    ceiling_batches: int = 2
-    """Full batches per batch size in the ceiling's sweep."""
-    paired_ceiling_batches: int = 4
-    """Full batches of the best size per ceiling run between paired waves: about as long
-    as a wave takes."""
-    extras: bool = True
-    """Also the engine alone sampled and on the worker's threads, and long prompts."""
-    cpu_threads: int = 0
-    """torch's CPU threads in every peer (0: the worker's policy)."""
-    shared_prefix: SharedPrefixSettings = field(
-        default_factory=lambda: SharedPrefixSettings(records=0))
-    """The shared-prefix workload, run after the trace (records 0: not run)."""
-    run_trace: bool = True
-    """Whether the arrival trace runs (the shared-prefix workload can run alone)."""
-
-    @property
-    def ceiling_batch_sizes(self) -> tuple[int, ...]:
-        return tuple(s for s in (1, 8, 16, 32, 64, 128, 256) if s <= self.max_batch_size)
-
-
-def real_model_settings(trace: TraceSettings | None = None) -> BenchSettings:
-    """Sized for a real model on a 2-core CPU (SmolLM2-135M: a decode step of about 60 ms
-    at one row, 300 ms at 64): the whole run in under 10 minutes. The inter-token target,
-    150 ms, is one the fixed window misses here once its batch fills (about 210 ms a step
-    at 32 rows)."""
-    return BenchSettings(trace=trace or real_model_trace(), ttft_target_s=2.0,
-                         itl_target_s=0.15, max_batch_size=64, drain_timeout_s=300.0,
-                         paired_rounds=2, ceiling_batches=1, paired_ceiling_batches=1,
-                         extras=False, shared_prefix=SharedPrefixSettings())
 
 
 async def run_bench(bootstrap: str, loaded: LoadedModel, model_dir: str,

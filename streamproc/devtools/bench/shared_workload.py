@@ -10,9 +10,9 @@ cache's gain is read side by side in one run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from streamproc.devtools.bench.settings import SharedPrefixSettings
 from streamproc.devtools.bench.shared_prefix import chat_texts
 from streamproc.devtools.bench.trace import Arrival
 
@@ -23,14 +23,6 @@ THROUGHPUT_TARGET = 2.5
 """Cache on / off, tokens per second."""
 TTFT_TARGET = 0.4
 """Cache on / off, time to first token at p50."""
-
-
-@dataclass(frozen=True)
-class SharedPrefixSettings:
-    records: int = 48
-    """0: the workload is not run."""
-    new_tokens: int = 8
-    """A label or a few fields: short answers, so the prompt is most of the work."""
 
 
 def shared_prefix_trace(tokenizer: Any, settings: SharedPrefixSettings) -> list[Arrival]:
