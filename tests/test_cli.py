@@ -168,3 +168,16 @@ async def test_submit_one_prompt_streams_text_and_reports_errors(
                                    *topic_args(worker_config))
     assert code == 1
     assert "invalid_params" in err
+    code, _, err = await run_cli("submit", "penalized", "--max-new-tokens", "3",
+                                 "--presence-penalty", "5", *topic_args(worker_config))
+    assert code == 1
+    assert "presence_penalty must be between -2 and 2" in err
+    # Sampling among the one likeliest token is greedy decoding: the flag reaches the engine.
+    greedy = await run_cli("submit", "same", "--max-new-tokens", "5", *topic_args(worker_config))
+    top_1 = await run_cli("submit", "same", "--max-new-tokens", "5", "--temperature", "1.5",
+                          "--top-k", "1", *topic_args(worker_config))
+    assert greedy[0] == top_1[0] == 0
+    assert greedy[1] == top_1[1]
+    hot = await run_cli("submit", "same", "--max-new-tokens", "5", "--temperature", "1.5",
+                        *topic_args(worker_config))
+    assert hot[1] != greedy[1]  # without top-k the same temperature draws otherwise

@@ -36,6 +36,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling: smallest set of tokens holding this much "
                    "probability (%(default)g: all)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the K likeliest tokens only (%(default)s: all)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="-2..2: less of what was generated, per time it was (%(default)g)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="-2..2: less of what was generated at all (%(default)g)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0: transformers' penalty on prompt and output tokens "
+                   "(%(default)g: off)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int,
                    help="sampling seed (default: derived from the request id)")
@@ -119,7 +128,10 @@ def _non_blank(lines: Iterable[str]) -> list[str]:
 async def _submit_all(args: argparse.Namespace, prompts: list[str]) -> int:
     params = wire.GenerationParams(max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p,
-                                   stop=args.stop, seed=args.seed)
+                                   stop=args.stop, seed=args.seed, top_k=args.top_k,
+                                   frequency_penalty=args.frequency_penalty,
+                                   presence_penalty=args.presence_penalty,
+                                   repetition_penalty=args.repetition_penalty)
     admission = None if args.admission is None else AdmissionPolicy(
         args.admission, args.max_drain, args.admission_timeout, args.shed_below_priority)
     async with StreamprocClient(bootstrap(args), request_topic=args.request_topic,
