@@ -42,6 +42,11 @@ class OpenAIStream:
         self._wants_logprobs = False
         self._role_sent = first_seq > 0
 
+    @property
+    def include_usage(self) -> bool:
+        """Whether the stream ends with a usage chunk (``stream_options.include_usage``)."""
+        return self._reply.include_usage
+
     def chunk(self, chunk: wire.TokenChunk) -> bytes:
         """A chunk of generated text."""
         self._text.append(chunk.text)

@@ -258,8 +258,7 @@ class Publisher:
             return wire.TokenChunk(job.request_id, stream.take_seq(), "", [], job.attempt,
                                    stream.tokens_sent, stream.text_sent)
         payloads = [openai.finish_chunk(empty(), outcome.finish_reason)]
-        if job.prepared.request.openai is not None and \
-                job.prepared.request.openai.include_usage:
+        if openai.include_usage:
             payloads.append(openai.usage_chunk(empty(), outcome.usage))
         for payload in payloads:
             await self._send(job.reply_topic, job.request_id, payload, stream.partition)
